@@ -1,0 +1,58 @@
+"""msdfuse-import-torch: turn MSDNet-PyTorch weights into a run directory.
+
+  msdfuse-import-torch --config=configs/cifar.py:dataset=cifar10,model=msdnet_anytime7 \
+      --state_dict=msdnet.npz --workdir=/tmp/imported
+
+``--state_dict`` is a ``.npz`` of state_dict names -> arrays, or (with torch installed) a ``.pth``/``.pt``
+state_dict or MSDNet-PyTorch checkpoint. The workdir then holds ``config.json`` and a step-0 checkpoint,
+which `msdfuse-eval`, `msdfuse-infer` and `msdfuse-train` (as initial weights) load like a trained run.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from msdfuse_jax import checkpoints, run_config
+from msdfuse_jax.interop import torch_msdnet
+from msdfuse_jax.tools import flags_util
+
+flags_util.define_config_flag()
+flags.DEFINE_string("state_dict", None, "The PyTorch weights: .npz, or .pth/.pt when torch is installed.")
+flags.DEFINE_string("workdir", None, "Directory to create the run in.")
+FLAGS = flags.FLAGS
+
+# Entries of the reference .npz files that are data, not weights.
+NON_WEIGHT_KEYS = ("input", "logits")
+
+
+def import_weights(config, state_dict_path: str, workdir: str) -> str:
+  """Converts the weights at `state_dict_path` for `config`'s model into a run at `workdir`."""
+  model = run_config.build_model(config, dtype="float32")
+  state_dict = torch_msdnet.load_state_dict_file(state_dict_path)
+  for key in NON_WEIGHT_KEYS:
+    state_dict.pop(key, None)
+  variables = torch_msdnet.convert_state_dict(model, state_dict)
+  run_config.save_config(workdir, config)
+  mngr = checkpoints.manager(workdir)
+  checkpoints.save(mngr, 0, {"step": 0, **variables})
+  return checkpoints.checkpoint_dir(workdir)
+
+
+def main(argv) -> None:
+  del argv
+  for name in ("config", "state_dict", "workdir"):
+    if getattr(FLAGS, name) is None:
+      flags_util.fail(f"--{name} is required")
+  try:
+    where = import_weights(FLAGS.config, FLAGS.state_dict, FLAGS.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    flags_util.fail(str(e))
+  print(f"imported {FLAGS.state_dict} into {where}")
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
