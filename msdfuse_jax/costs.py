@@ -157,7 +157,7 @@ def exit_costs(model: Any, variables: Any | None = None, image_size: int = 32, c
   if variables is None:
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image))
     variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
-  params = variables["params"]
+  params = variables.get("params", {})
   rest = {k: v for k, v in variables.items() if k != "params"}
   leaves = jax.tree.leaves(params)
   results = []

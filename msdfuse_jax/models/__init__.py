@@ -12,7 +12,10 @@ from typing import Any
 import flax.linen as nn
 
 from msdfuse_jax.models.base import MultiExitModule
-from msdfuse_jax.models.msdnet import MSDNet
+from msdfuse_jax.models.densenet_mc import DenseNetMC
+from msdfuse_jax.models.msdnet import MSDFuse, MSDNet
+from msdfuse_jax.models.ranet import RANet
+from msdfuse_jax.models.resnet_mc import ResNetMC
 
 _MSDFUSE_SWITCHES = dict(stem="efficient", fusion=True, fused_transition=True, head="msdfuse",
                          activation="gelu")
@@ -26,15 +29,31 @@ PRESETS: dict[str, tuple[type[MultiExitModule], dict[str, Any]]] = {
     # Lua MSDNet (the MSDNet and RANet papers' figures).
     "msdnet_anytime10": (MSDNet, dict(n_blocks=10, step_mode="even", step=2, base=4, n_channels=16)),
     "msdnet_budget7": (MSDNet, dict(n_blocks=7, step_mode="lin_grow", step=1, base=1, n_channels=16)),
-    # The paper's model. The paper publishes no widths; these put the per-exit cost on its envelope
-    # (first exit 24-27 M, last exit 62-67 M, literature convention). See `msdfuse_preset_doc`.
-    "msdfuse": (MSDNet, dict(n_blocks=8, step_mode="even", step=2, base=4, n_channels=64,
-                             growth_rate=8, **_MSDFUSE_SWITCHES)),
+    # The paper's model, widths calibrated to its cost envelope: see `MSDFuse`'s docstring.
+    "msdfuse": (MSDFuse, {}),
     # Tiny variants for tests and `runlocal` runs: every code path, a fraction of the cost.
     "msdnet_tiny": (MSDNet, dict(n_blocks=3, step_mode="even", step=2, base=2, n_channels=4,
                                  growth_rate=2, head_width=8)),
     "msdfuse_tiny": (MSDNet, dict(n_blocks=3, step_mode="even", step=2, base=2, n_channels=4,
                                   growth_rate=2, head_width=8, **_MSDFUSE_SWITCHES)),
+    # RANet-pytorch train_cifar.sh (the RANet paper's CIFAR model): 8 exits.
+    "ranet_cifar": (RANet, dict(n_blocks=2, block_step=2, step=4, step_mode="even", scale_list=(1, 2, 3, 3),
+                                gr_factor=(4, 2, 1, 1), bn_factor=(4, 2, 1, 1), n_channels=16,
+                                growth_rate=6, compress_factor=0.25, reduction=0.5)),
+    # RANet-pytorch README example: step 2, 'lg' steps, three flows; 6 exits.
+    "ranet_readme": (RANet, dict(n_blocks=2, block_step=2, step=2, step_mode="lg", scale_list=(1, 2, 3),
+                                 gr_factor=(4, 2, 1), bn_factor=(4, 2, 1), n_channels=16, growth_rate=6,
+                                 compress_factor=0.25, reduction=0.5)),
+    # The MSDNet paper's baselines: 62-layer ResNet^MC and 52-layer DenseNet-BC^MC, 7 exits each.
+    "resnet_mc": (ResNetMC, dict(widths=(16, 32, 64), blocks_per_stage=10, exit_after=(4, 8))),
+    "densenet_mc": (DenseNetMC, dict(growth_rate=8, layers_per_block=16, exit_after=(6, 12))),
+    "ranet_tiny": (RANet, dict(n_blocks=1, block_step=1, step=2, step_mode="even", scale_list=(1, 2, 3),
+                               gr_factor=(4, 2, 1), bn_factor=(4, 2, 1), n_channels=4, growth_rate=4,
+                               head_width=8)),
+    "resnet_mc_tiny": (ResNetMC, dict(widths=(4, 8, 16), blocks_per_stage=3, exit_after=(1, 2),
+                                      head_width=8)),
+    "densenet_mc_tiny": (DenseNetMC, dict(growth_rate=2, layers_per_block=3, exit_after=(1, 2),
+                                          head_width=8)),
 }
 
 
@@ -82,4 +101,4 @@ def build_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
   return model
 
 
-__all__ = ["MSDNet", "MultiExitModule", "PRESETS", "build_model", "preset_hparams", "preset_names"]
+__all__ = ["MSDFuse", "MSDNet", "MultiExitModule", "PRESETS", "build_model", "preset_hparams", "preset_names"]

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -146,3 +147,88 @@ class MSDFuseHead(nn.Module):
 
 
 HEADS = {"msdnet": MSDNetHead, "msdfuse": MSDFuseHead}
+
+
+# --- Resampling and heads shared by the RANet / ResNet^MC / DenseNet^MC baselines. ---------------------
+
+
+def _linear_taps(n_in: int, n_out: int, align_corners: bool):
+  """Source indices and weights of PyTorch's 1-D linear interpolation from `n_in` to `n_out` samples.
+
+  PyTorch (``F.interpolate(..., size=, mode='bilinear')``, CPU kernel) maps output index d to the source
+  coordinate ``d * (n_in - 1) / (n_out - 1)`` (align_corners=True) or ``max((d + 0.5) * n_in / n_out - 0.5,
+  0)`` (align_corners=False), reads the two neighbours ``i0 = floor(src)`` and ``min(i0 + 1, n_in - 1)``
+  and weights them ``1 - (src - i0)`` and ``src - i0``. The arithmetic is float32, as PyTorch's.
+  """
+  dst = np.arange(n_out, dtype=np.float32)
+  if align_corners:
+    scale = np.float32((n_in - 1) / (n_out - 1)) if n_out > 1 else np.float32(0)
+    src = dst * scale
+  else:
+    src = np.maximum((dst + np.float32(0.5)) * np.float32(n_in / n_out) - np.float32(0.5), np.float32(0))
+  i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  w1 = (src - i0.astype(np.float32)).astype(np.float32)
+  return i0, i1, (np.float32(1) - w1).astype(np.float32), w1
+
+
+def bilinear_resize(x: jax.Array, size: tuple[int, int], align_corners: bool) -> jax.Array:
+  """PyTorch's ``F.interpolate(x, size=size, mode='bilinear', align_corners=...)`` on an NHWC array.
+
+  Written as two gathers and a weighted sum per axis (fixed, precomputed taps) rather than with
+  `jax.image.resize`, which lowers to `dot_general`: resampling costs 0 in the literature convention
+  (SPEC.md section 5), and the jaxpr cost counter counts every `dot_general` as MACs. Resizing to the
+  same size is the identity in both conventions and returns `x` itself.
+  """
+  for axis, n_out in ((2, size[1]), (1, size[0])):  # width first, then height, as PyTorch's kernel
+    n_in = x.shape[axis]
+    if n_in == n_out:
+      continue
+    i0, i1, w0, w1 = _linear_taps(n_in, n_out, align_corners)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    x = (jnp.take(x, i0, axis=axis) * jnp.asarray(w0.reshape(shape), x.dtype)
+         + jnp.take(x, i1, axis=axis) * jnp.asarray(w1.reshape(shape), x.dtype))
+  return x
+
+
+class PooledMSDNetHead(nn.Module):
+  """MSDNet's CIFAR head on a map of any size: average-pool it to `resolution` first, then `MSDNetHead`.
+
+  On an 8x8 map (the default `resolution`) this is exactly `MSDNetHead` and costs the same; a 32x32 or
+  16x16 map is first average-pooled with window = stride = H / 8, so every head sees an 8x8 map as in
+  MSDNet and RANet. Used by the ResNet^MC / DenseNet^MC baselines, whose heads read 32x32 and 16x16 maps.
+  """
+
+  num_classes: int
+  width: int = 128
+  resolution: int = 8
+  activation: str = "relu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    factor = x.shape[1] // self.resolution
+    if factor > 1:
+      x = nn.avg_pool(x, (factor, factor), strides=(factor, factor))
+    return MSDNetHead(self.num_classes, self.width, self.activation, self.dtype, name="head")(
+        x, train=train)
+
+
+class GlobalPoolHead(nn.Module):
+  """A ResNet / DenseNet final classifier: [BN -> ReLU ->] global average pool -> Linear.
+
+  `pre_activation` adds the BN-ReLU that a pre-activation network (DenseNet) applies before its pool.
+  """
+
+  num_classes: int
+  pre_activation: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    if self.pre_activation:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                       name="bn")(x)
+      x = nn.relu(x)
+    return classifier_linear(self.num_classes, jnp.mean(x, axis=(1, 2)))

@@ -32,6 +32,10 @@ def import_weights(config, state_dict_path: str, workdir: str) -> str:
   for key in NON_WEIGHT_KEYS:
     state_dict.pop(key, None)
   variables = torch_msdnet.convert_state_dict(model, state_dict)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    # MSDNet-PyTorch normalises with fixed published statistics; evaluation must do the same.
+    config.data.normalization = "published"
   run_config.save_config(workdir, config)
   mngr = checkpoints.manager(workdir)
   checkpoints.save(mngr, 0, {"step": 0, **variables})

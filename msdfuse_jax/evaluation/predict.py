@@ -1,0 +1,44 @@
+"""Per-exit softmax probabilities of a model over a whole image set (every exit, one pass)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msdfuse_jax import input_pipeline
+
+
+def make_predict_fn(model: Any, mean: Any, std: Any):
+  """A compiled ``(variables, uint8 images) -> (K, B, C) float32 probabilities`` function."""
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+  @jax.jit
+  def predict(variables, images):
+    logits = model.apply(variables, input_pipeline.eval_batch(images, mean, std), train=False)
+    return jax.nn.softmax(jnp.stack(logits).astype(jnp.float32), axis=-1)
+
+  return predict
+
+
+def predict_probs(model: Any, variables: Any, images: np.ndarray, mean: Any, std: Any,
+                  batch_size: int = 500, predict_fn=None) -> np.ndarray:
+  """Runs every exit over `images` (uint8 NHWC) in batches; returns (K, N, C) float32 probabilities.
+
+  The last batch is padded to `batch_size` (so one program serves every batch) and the padding dropped.
+  """
+  predict = predict_fn or make_predict_fn(model, mean, std)
+  n = len(images)
+  if n == 0:
+    raise ValueError("no images to evaluate")
+  batch_size = min(batch_size, n)
+  outputs = []
+  for lo in range(0, n, batch_size):
+    batch = images[lo:lo + batch_size]
+    real = len(batch)
+    if real < batch_size:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+    outputs.append(np.asarray(predict(variables, batch))[:, :real])
+  return np.concatenate(outputs, axis=1)

@@ -1,0 +1,188 @@
+"""ResNet^MC: a 62-layer CIFAR ResNet with intermediate classifiers (the MSDNet paper's baseline).
+
+The MSDNet paper (Huang et al., ICLR 2018, appendix) describes it as a ResNet with 62 layers, 10 residual
+blocks at each of the three resolutions, and early-exit classifiers on the outputs of the 4th and 8th
+residual block of each resolution: 6 intermediate classifiers plus the final one, 7 exits. The rest is
+He et al.'s CIFAR ResNet (2016): a 3x3 conv stem, basic blocks of two 3x3 conv-BN layers (ReLU after the
+first and after the residual add), widths 16/32/64 at 32x32/16x16/8x8, the first block of resolutions 2
+and 3 strided, and a parameter-free identity shortcut where the shape changes (option A: subsample and
+zero-pad the channels; ``shortcut='conv'`` gives option B, a 1x1 conv + BN projection).
+1 + 3 * 10 * 2 + 1 = 62 layers.
+
+Heads (the papers leave them open beyond "MSDNet-style"): by default (``head='msdnet'``) every exit, the
+final one included, is MSDNet's CIFAR head (ConvBasic 3x3/2 -> 128, ConvBasic 3x3/2 -> 128, 2x2 average
+pool, Linear) applied to the block output average-pooled to 8x8 (`layers.PooledMSDNetHead`): window and
+stride 4 on 32x32 maps, 2 on 16x16 maps, nothing on 8x8 maps, where the head is exactly MSDNet's. Feeding a
+32x32 map to the strided head directly would cost 14 M ops per head, far off the published curve.
+``head='pool'`` puts the ResNet's own classifier (global average pool -> Linear) at every exit instead.
+
+Widths: He et al.'s 16/32/64 (the papers give no other). Measured (literature convention, cumulative,
+`msdfuse_jax.costs.exit_costs`; C-100 differs only in the Linear layers) against the MSDNet paper's
+ResNet^MC curve:
+
+  ====  =============  ==========  =============  ==========  ===========  ===========  =========
+  exit  ops C-10       params C-10 ops C-100      params C-100 ops, 'pool'  params,pool  published
+  ====  =============  ==========  =============  ==========  ===========  ===========  =========
+  1      20,369,674      186,842    20,381,284      198,452    19,480,746      19,322    0.08e8
+  2      40,280,596      373,220    40,303,816      396,440    38,502,740      38,180    0.28e8
+  3      68,735,774      638,318    68,770,604      673,148    65,774,238     117,486    0.56e8
+  4      88,867,880      898,680    88,914,320      945,120    84,722,664     192,056    0.76e8
+  5     117,839,154    1,436,290   117,897,204    1,494,340   111,924,850     507,330    1.04e8
+  6     138,520,124    1,955,212   138,589,784    2,024,872   130,836,732     803,916    1.23e8
+  7     149,747,526    2,326,166   149,828,796    2,407,436   140,295,046     952,534    1.33e8
+  ====  =============  ==========  =============  ==========  ===========  ===========  =========
+
+('pool' columns: CIFAR-10.) The increments between exits, 0.199, 0.285, 0.201, 0.290, 0.207, 0.112 e8
+(MSDNet heads) or 0.190, 0.273, 0.189, 0.272, 0.189, 0.095 e8 (pool heads), match the published ones,
+0.20, 0.28, 0.20, 0.28, 0.19, 0.10, so the widths are right; the absolute values sit about 0.1e8 above
+the published ones. No network of this description can reach the published first point: exit 1 (stem +
+4 blocks + head) costs more than exit 2 - exit 1 (4 identical blocks + an identical head), whereas the
+published curve has 0.08 < 0.20. Narrower widths would shrink the increments rather than the offset
+(widths 15/30/60 give 0.18 ... 1.325e8 with MSDNet heads).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from msdfuse_jax.models import layers
+from msdfuse_jax.models.base import MultiExitModule
+
+Dtype = Any
+SHORTCUTS = ("pad", "conv")
+HEADS = ("msdnet", "pool")
+
+
+def baseline_head(kind: str, num_classes: int, width: int, resolution: int, pre_activation: bool,
+                  dtype: Dtype) -> nn.Module:
+  """The exit head of ResNet^MC / DenseNet^MC: 'msdnet' (`layers.PooledMSDNetHead`) or 'pool'
+  (`layers.GlobalPoolHead`, the network's own final classifier, BN-ReLU first if `pre_activation`)."""
+  if kind == "pool":
+    return layers.GlobalPoolHead(num_classes, pre_activation, dtype)
+  return layers.PooledMSDNetHead(num_classes, width, resolution, dtype=dtype)
+
+
+class BasicBlock(nn.Module):
+  """conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, plus the shortcut, then ReLU (He et al., 2016)."""
+
+  features: int
+  stride: int = 1
+  shortcut: str = "pad"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    conv = functools.partial(nn.Conv, self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                             kernel_init=layers.conv_kernel_init, dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype)
+    y = nn.relu(norm(name="bn1")(conv(strides=(self.stride, self.stride), name="conv1")(x)))
+    y = norm(name="bn2")(conv(name="conv2")(y))
+    if self.stride != 1 or x.shape[-1] != self.features:
+      if self.shortcut == "conv":
+        x = nn.Conv(self.features, (1, 1), strides=(self.stride, self.stride), use_bias=False,
+                    kernel_init=layers.conv_kernel_init, dtype=self.dtype, name="shortcut_conv")(x)
+        x = norm(name="shortcut_bn")(x)
+      else:  # option A: subsample, zero-pad the new channels (no parameters, no cost)
+        x = x[:, ::self.stride, ::self.stride, :]
+        extra = self.features - x.shape[-1]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return nn.relu(y + x)
+
+
+class ResNetMC(MultiExitModule):
+  """ResNet^MC for 32x32 inputs. Defaults are the MSDNet paper's 62-layer, 7-exit network.
+
+  Attributes:
+    widths: channels at each resolution (one resolution per entry; every resolution after the first
+      starts with a stride-2 block).
+    blocks_per_stage: residual blocks per resolution.
+    exit_after: 1-based block indices (within each resolution) followed by an intermediate exit; the
+      last block of the last resolution always has the final exit.
+    shortcut: 'pad' (option A, He et al.'s CIFAR choice) or 'conv' (1x1 projection) where shapes change.
+    head: 'msdnet' (MSDNet's CIFAR head on the map average-pooled to `head_resolution`) or 'pool'
+      (global average pool -> Linear, the ResNet's own classifier, at every exit).
+    head_width, head_resolution: the MSDNet head's width and the map size it sees.
+  """
+
+  num_classes: int = 10
+  widths: Sequence[int] = (16, 32, 64)
+  blocks_per_stage: int = 10
+  exit_after: Sequence[int] = (4, 8)
+  shortcut: str = "pad"
+  head: str = "msdnet"
+  head_width: int = 128
+  head_resolution: int = 8
+  dtype: Dtype = jnp.float32
+
+  @property
+  def num_exits(self) -> int:
+    return len(self.widths) * len(self.exit_after) + 1
+
+  def validate(self) -> None:
+    """Raises ValueError naming the bad hyper-parameter and its valid choices."""
+    if self.shortcut not in SHORTCUTS:
+      raise ValueError(f"unknown shortcut {self.shortcut!r}; valid choices: {list(SHORTCUTS)}")
+    if self.head not in HEADS:
+      raise ValueError(f"unknown head {self.head!r}; valid choices: {list(HEADS)}")
+    _check_positive_ints(self, ("blocks_per_stage", "head_width", "head_resolution"))
+    if not self.widths or any(not isinstance(w, int) or w < 1 for w in self.widths):
+      raise ValueError(f"widths must be a non-empty sequence of positive integers, got {self.widths!r}")
+    if any(b < a for a, b in zip(self.widths, self.widths[1:])):
+      raise ValueError(f"widths must be non-decreasing (the 'pad' shortcut only adds channels), got "
+                       f"{tuple(self.widths)}")
+    _check_exit_positions(self.exit_after, self.blocks_per_stage, "blocks_per_stage")
+
+  def schedule(self) -> list[list[tuple[int, int]]]:
+    """For each exit, the (resolution, block) pairs (both 1-based) run since the previous exit."""
+    return _exit_schedule(len(self.widths), self.blocks_per_stage, self.exit_after)
+
+  def setup(self):
+    self.validate()
+    self.stem = layers.ConvBasic(self.widths[0], dtype=self.dtype)
+    for s, width in enumerate(self.widths, start=1):
+      for b in range(1, self.blocks_per_stage + 1):
+        stride = 2 if s > 1 and b == 1 else 1
+        setattr(self, f"stage{s}_block{b}", BasicBlock(width, stride, self.shortcut, self.dtype))
+    for k in range(1, self.num_exits + 1):
+      setattr(self, f"exit{k}", baseline_head(self.head, self.num_classes, self.head_width,
+                                              self.head_resolution, False, self.dtype))
+
+  def stage(self, state: Any, k: int, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Runs the residual blocks between exit k-1 and exit k (the stem too for k = 1), then exit k."""
+    x = self.stem(state, train=train) if k == 1 else state
+    for s, b in self.schedule()[k - 1]:
+      x = getattr(self, f"stage{s}_block{b}")(x, train=train)
+    return x, getattr(self, f"exit{k}")(x, train=train)
+
+
+def _check_positive_ints(module: nn.Module, fields: Sequence[str]) -> None:
+  for field in fields:
+    value = getattr(module, field)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{field} must be a positive integer, got {value!r}")
+
+
+def _check_exit_positions(exit_after: Sequence[int], n: int, n_name: str) -> None:
+  """`exit_after` must be strictly increasing integers in [1, n - 1] (n has the final exit)."""
+  ok = all(isinstance(e, int) for e in exit_after) and list(exit_after) == sorted(set(exit_after))
+  if not ok or any(not 1 <= e < n for e in exit_after):
+    raise ValueError(f"exit_after must hold strictly increasing integers in [1, {n_name} - 1 = {n - 1}], "
+                     f"got {tuple(exit_after)}")
+
+
+def _exit_schedule(n_stages: int, n_units: int, exit_after: Sequence[int]) -> list[list[tuple[int, int]]]:
+  """Splits the (stage, unit) sequence into the segments that end at each exit."""
+  schedule, pending = [], []
+  for s in range(1, n_stages + 1):
+    for u in range(1, n_units + 1):
+      pending.append((s, u))
+      if u in exit_after or (s == n_stages and u == n_units):
+        schedule.append(pending)
+        pending = []
+  return schedule

@@ -1,0 +1,115 @@
+"""msdfuse-infer: real early-exit inference on the test set, timed against the full network.
+
+  msdfuse-infer --workdir=DIR --p=P          # P in 1..39, the budgeted curve's points
+  msdfuse-infer --workdir=DIR --budget=COST  # the largest validation budget <= COST (op_counter units)
+
+Thresholds are fitted on the run's validation split exactly as in `msdfuse-eval`. The test set is then
+classified stage by stage, each stage run only on the samples still undecided
+(`msdfuse_jax.inference`). Reported: images/s of early exit, of the full network (every exit) and of the
+last exit alone; the realised speedup against the speedup the cost ratio predicts; and a check that
+predictions and exits equal the simulated budgeted evaluation's. Writes ``DIR/eval/infer.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+from msdfuse_jax import checkpoints, costs, inference, input_pipeline, run_config
+from msdfuse_jax.evaluation import budget, evaluate, predict
+from msdfuse_jax.tools import flags_util
+
+flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
+flags.DEFINE_integer("p", None, "Budget point p in 1..39 (q = p/20), as in the budgeted curve.")
+flags.DEFINE_float("budget", None, "Average cost per image (literature op_counter units), instead of --p.")
+flags.DEFINE_integer("batch_size", 256, "Images per batch (the largest bucket).")
+flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
+FLAGS = flags.FLAGS
+
+
+def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_size: int,
+                  repeats: int) -> dict:
+  """Fits thresholds, runs early exit and the baselines, checks against the simulation."""
+  config, model, variables, step, data = evaluate.load_run(workdir)
+  mean, std = np.asarray(data.mean), np.asarray(data.std)
+  predict_fn = predict.make_predict_fn(model, mean, std)
+  val_probs = predict.predict_probs(model, variables, data.val_images, mean, std, batch_size,
+                                    predict_fn=predict_fn)
+  test_probs = predict.predict_probs(model, variables, data.test_images, mean, std, batch_size,
+                                     predict_fn=predict_fn)
+  exit_costs = [c.op_counter for c in costs.exit_costs(run_config.build_model(config, dtype="float32"),
+                                                       with_xla=False)]
+  if p is None:
+    p = budget.thresholds_for_budget(val_probs, exit_costs, cost_budget)
+  thresholds = budget.fit_thresholds(val_probs, p)
+  sim_exits, sim_preds = budget.apply_thresholds(test_probs, thresholds)
+
+  preprocess = lambda images: input_pipeline.eval_batch(images, mean, std)
+  runner = inference.EarlyExitRunner(model, variables, preprocess, batch_size=batch_size)
+  runner.warmup(data.test_images)
+  result = min((runner.run(data.test_images, thresholds) for _ in range(repeats)),
+               key=lambda r: r.seconds)
+  every_exit, last_exit = inference.full_network_fns(model, preprocess)
+  t_full = inference.time_batches(every_exit, variables, data.test_images, batch_size, repeats)
+  t_last = inference.time_batches(last_exit, variables, data.test_images, batch_size, repeats)
+
+  n = len(data.test_images)
+  counts = np.bincount(result.exits - 1, minlength=model.num_exits)
+  expected_cost = float(np.dot(counts / n, exit_costs))
+  predicted = exit_costs[-1] / expected_cost
+  realised = t_full / result.seconds
+  return {
+      "workdir": workdir, "step": step, "p": int(p), "thresholds": [float(t) for t in thresholds],
+      "num_images": n, "batch_size": batch_size, "buckets": runner.buckets,
+      "exit_counts": counts.tolist(),
+      "accuracy": float(100.0 * np.mean(result.predictions == data.test_labels)),
+      "expected_cost": expected_cost, "full_cost": exit_costs[-1],
+      "early_exit_images_per_s": n / result.seconds,
+      "full_network_images_per_s": n / t_full,
+      "last_exit_images_per_s": n / t_last,
+      "speedup_vs_full": realised, "speedup_vs_last_exit": t_last / result.seconds,
+      "predicted_speedup": predicted, "realised_over_predicted": realised / predicted,
+      "matches_simulation": bool(np.array_equal(result.exits, sim_exits + 1)
+                                 and np.array_equal(result.predictions, sim_preds)),
+  }
+
+
+def main(argv) -> None:
+  del argv
+  if not FLAGS.workdir:
+    flags_util.fail("--workdir is required: the directory of a training run")
+  if (FLAGS.p is None) == (FLAGS.budget is None):
+    flags_util.fail("give exactly one of --p (1..39) or --budget (average cost per image)")
+  if FLAGS.p is not None and not 1 <= FLAGS.p <= 39:
+    flags_util.fail(f"--p must lie in 1..39, got {FLAGS.p}")
+  flags_util.enable_compilation_cache()
+  try:
+    out = run_inference(FLAGS.workdir, FLAGS.p, FLAGS.budget, FLAGS.batch_size, FLAGS.repeats)
+  except (FileNotFoundError, ValueError, checkpoints.CheckpointError, input_pipeline.DataError) as e:
+    flags_util.fail(str(e))
+  os.makedirs(os.path.join(FLAGS.workdir, evaluate.EVAL_DIR), exist_ok=True)
+  path = os.path.join(FLAGS.workdir, evaluate.EVAL_DIR, "infer.json")
+  with open(path, "w") as f:
+    json.dump(out, f, indent=2)
+  print(f"p={out['p']}: {out['num_images']} test images, exits per stage {out['exit_counts']}, "
+        f"accuracy {out['accuracy']:.2f} %")
+  print(f"expected cost {out['expected_cost']:,.0f} of {out['full_cost']:,} (predicted speedup "
+        f"{out['predicted_speedup']:.2f}x)")
+  print(f"images/s: early exit {out['early_exit_images_per_s']:.1f}, full network "
+        f"{out['full_network_images_per_s']:.1f}, last exit alone {out['last_exit_images_per_s']:.1f}")
+  print(f"realised speedup {out['speedup_vs_full']:.2f}x over the full network "
+        f"({out['realised_over_predicted']:.2f} of predicted), {out['speedup_vs_last_exit']:.2f}x over "
+        f"the last exit alone")
+  print(f"predictions and exits equal the simulated budgeted evaluation: {out['matches_simulation']}")
+  print(f"wrote {path}")
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,126 @@
+"""Cost accounting: single-op known answers, the MSDNet reference table, the MSDFuse envelope, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from msdfuse_jax import costs, models
+from msdfuse_jax.models.base import MultiExitModule
+from tests.conftest import REPO, shared_file
+
+
+class OneOp(MultiExitModule):
+  """A one-exit model wrapping a single op, for known answers."""
+
+  op: str = "conv"
+
+  @property
+  def num_exits(self):
+    return 1
+
+  def stage(self, x, k, *, train=False):
+    if self.op == "conv":
+      y = nn.Conv(8, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False)(x)
+    elif self.op == "depthwise":
+      y = nn.Conv(3, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=3, use_bias=False)(x)
+    elif self.op == "dense":
+      y = nn.Dense(10)(x.reshape((x.shape[0], -1)))
+    elif self.op == "relu":
+      y = nn.relu(x)
+    elif self.op == "gelu":
+      y = nn.gelu(x, approximate=False)
+    elif self.op == "avgpool":
+      y = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    elif self.op == "global_pool":
+      y = jnp.mean(x, axis=(1, 2))
+    elif self.op == "batchnorm_concat_add":
+      y = nn.BatchNorm(use_running_average=True)(x)
+      y = jnp.concatenate([y, x], -1) + 1.0
+    return y, y.reshape((y.shape[0], -1))
+
+  __call__ = MultiExitModule.__call__
+  stage = nn.compact(stage)
+
+
+@pytest.mark.parametrize("op,macs,ops", [
+    # conv 3x3 stride 2, 3 -> 8 channels, 32x32 -> 16x16: C_in*C_out*kh*kw*H_out*W_out.
+    ("conv", 3 * 8 * 9 * 16 * 16, 3 * 8 * 9 * 16 * 16),
+    # depthwise: divided by groups.
+    ("depthwise", 3 * 3 * 9 * 32 * 32 // 3, 3 * 3 * 9 * 32 * 32 // 3),
+    # Linear: weight MACs plus one op per bias.
+    ("dense", 3072 * 10, 3072 * 10 + 10),
+    ("relu", 0, 3072),
+    ("gelu", 0, 3072),
+    # AvgPool 2x2: C * H_out * W_out * k * k; global pool: input elements.
+    ("avgpool", 0, 3 * 16 * 16 * 4),
+    ("global_pool", 0, 3072),
+    ("batchnorm_concat_add", 0, 0),
+])
+def test_single_op_against_its_formula(op, macs, ops):
+  (cost,) = costs.exit_costs(OneOp(op=op), with_xla=False)
+  assert (cost.macs, cost.op_counter) == (macs, ops)
+
+
+def test_parameters_and_xla_flops_of_a_single_conv():
+  (cost,) = costs.exit_costs(OneOp(op="conv"))
+  assert cost.params == 3 * 3 * 3 * 8
+  # XLA counts a MAC as two flops, and on the CPU backend it skips the window positions that fall on
+  # the zero padding (here 4 % of them), which the literature convention counts.
+  assert 0.9 * 2 * cost.macs <= cost.xla_flops <= 2 * cost.macs
+
+
+@pytest.mark.parametrize("preset,ref_name", [("msdnet_anytime7", "msdnet_anytime"),
+                                             ("msdnet_budget5", "msdnet_budgeted")])
+@pytest.mark.parametrize("dataset,num_classes", [("cifar10", 10), ("cifar100", 100)])
+def test_msdnet_reproduces_reference_counts(preset, ref_name, dataset, num_classes):
+  ref = json.loads(shared_file("reference", "model_counts.json").read_text())[f"{ref_name}/{dataset}"]
+  got = costs.exit_costs(models.build_model(preset, num_classes), with_xla=False)
+  assert [c.op_counter for c in got] == [int(v) for v in ref["op_counter_flops"]]
+  assert [c.params for c in got] == ref["op_counter_params"]
+  assert [c.macs for c in got] == ref["hook_cum_mac"]
+  assert got[-1].params == ref["total_params"]
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_msdfuse_sits_on_the_papers_envelope(num_classes):
+  got = costs.exit_costs(models.build_model("msdfuse", num_classes), with_xla=False)
+  assert 24e6 <= got[0].op_counter <= 27e6
+  assert 62e6 <= got[-1].op_counter <= 67e6
+  assert all(a.op_counter < b.op_counter for a, b in zip(got, got[1:]))
+
+
+def test_xla_flops_cover_every_head_up_to_the_exit():
+  got = costs.exit_costs(models.build_model("msdnet_tiny", 10))
+  flops = [c.xla_flops for c in got]
+  assert all(f > 0 for f in flops) and flops == sorted(flops)
+  assert all(c.xla_flops >= c.macs for c in got)
+
+
+def test_costs_cli_writes_json(tmp_path):
+  out = tmp_path / "costs.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "msdfuse_jax.tools.costs",
+       f"--config={REPO}/configs/cifar.py:dataset=cifar100,model=msdnet_tiny", "--noxla",
+       f"--json={out}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report["model"] == "msdnet_tiny" and report["dataset"] == "cifar100"
+  assert report["backend"] == jax.default_backend()
+  assert [e["exit"] for e in report["exits"]] == [1, 2, 3]
+  assert set(report["exits"][0]) == {"exit", "op_counter", "macs", "xla_flops", "params"}
+  assert "op_counter" in proc.stdout
+
+
+def test_costs_cli_unknown_model_is_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "msdfuse_jax.tools.costs",
+       f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=nope"],
+      capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  assert proc.returncode != 0
+  assert "unknown model 'nope'" in proc.stderr
+  assert "Traceback" not in proc.stderr
