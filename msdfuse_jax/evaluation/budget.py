@@ -11,13 +11,10 @@ A port of the semantics of MSDNet-PyTorch `adaptive_inference.py`
 
 Bit-level choices follow the reference, which works in float32 torch tensors:
 
-* The prior is `exp(log(q) * k)` in float32, not `q ** k`: `log(q)` is rounded to float32
-  before the multiplication, so the two differ in the last bits, and `floor(N * prior_k)`
-  can differ when `N * prior_k` lies close to an integer. The float32 `log`/`exp` are
-  evaluated in float64 and rounded once to float32 (the correctly rounded result). torch's
-  own kernels (libm, SLEEF or MKL, depending on version and build) aim at that value to
-  within 1 ULP; numpy's float32 SIMD `log` misses it for 9 of the 39 values of q, so it
-  is not used here.
+* The prior is `exp(log(q) * k)` in float32, not `q ** k`, and torch's float32 kernels are not
+  correctly rounded, so `floor(N * prior_k)` can differ by one from any other evaluation when
+  `N * prior_k` lies close to an integer. `exit_prior` therefore reads torch's own values from a table
+  (`torch_prior.npy`, made by `experiments/make_torch_prior_table.py`) for K <= 24.
 * `N * prior_k` is a float32 product (a Python int times a float32 tensor is float32 in
   torch), floored afterwards.
 * Thresholds are float32 confidence values and comparisons are float32 `>=`, so ties
@@ -29,7 +26,9 @@ This only *simulates* early exit from full forward passes; `fit_thresholds` and
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -116,26 +115,42 @@ def _confidences(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return probs.max(axis=2), probs.argmax(axis=2)
 
 
+_TORCH_PRIOR_FILE = os.path.join(os.path.dirname(__file__), "torch_prior.npy")
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_prior_table() -> np.ndarray | None:
+  """torch's own float32 priors, [p, K, k] (see experiments/make_torch_prior_table.py)."""
+  return np.load(_TORCH_PRIOR_FILE) if os.path.exists(_TORCH_PRIOR_FILE) else None
+
+
 def exit_prior(p: int, num_exits: int) -> np.ndarray:
   """The reference's geometric prior over exits for budget point `p`.
+
+  The reference computes ``exp(log(q) * k) / sum_j exp(log(q) * j)`` with torch float32 kernels, which
+  are not correctly rounded (on torch 2.13's CPU build, 8 of the 39 logs, some exps and many sums differ
+  by an ULP from the correctly rounded value), and one ULP can move ``floor(N * prior_k)`` by one. So the
+  values come from a table of torch's own results for K <= 24; beyond it they are computed in float32
+  with correctly rounded log/exp and a left-to-right sum, which agrees with torch to about 1 ULP.
 
   Args:
     p: budget point in 1..39; q = p / 20.
     num_exits: K.
 
   Returns:
-    float32 array (K,): `exp(log(q) * k) / sum_j exp(log(q) * j)`, k = 1..K, in float32.
+    float32 array (K,).
   """
   p = _check_p(p)
+  table = _torch_prior_table()
+  if table is not None and num_exits < table.shape[1]:
+    return table[p, num_exits, :num_exits].copy()
   q = np.float32(p / 20)
-  log_q = np.float32(math.log(float(q)))  # torch.log of a float32 tensor
+  log_q = np.float32(math.log(float(q)))
   unnormalised = []
   for k in range(1, num_exits + 1):
     # torch.range(1, K) is float32, so log(q) * k is a float32 product before exp.
     exponent = np.float32(log_q * np.float32(k))
     unnormalised.append(np.float32(math.exp(float(exponent))))
-  # Summed left to right in float32, independent of numpy's pairwise/SIMD order; torch's
-  # CPU sum of a handful of elements is a plain loop as far as we know (at most 1 ULP apart).
   total = np.float32(0.0)
   for value in unnormalised:
     total = np.float32(total + value)
