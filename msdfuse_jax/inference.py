@@ -6,10 +6,10 @@ confidence reaches exit k's threshold leave, and the survivors' stage-k features
 passed on, so no work is repeated.
 
 Shapes are what makes this fast under XLA: the survivors are compacted into one of a few fixed bucket
-sizes (the batch size divided by powers of two), padding with copies of a survivor, and every stage's
-output features are zero-padded back to the batch size inside the compiled function. So each
-(stage, bucket) pair compiles once, (K - 1) x buckets + 1 programs in all, and after warm-up nothing
-recompiles, whatever the number of survivors.
+sizes (the batch size divided by powers of two) and gathered from a pool of fixed size, so each
+(stage, bucket) pair compiles once, and after warm-up nothing recompiles, whatever the number of
+survivors. Survivors of a whole chunk of batches are pooled, so that only one batch per stage and chunk
+is partly padding.
 
 Decisions are the simulation's, exactly: a sample exits at the first k with ``max softmax >= T_k``
 (float32), and the last exit takes everybody left (its threshold is -1e8).
@@ -51,52 +51,73 @@ def bucket_sizes(batch_size: int, num_buckets: int = 5) -> list[int]:
 class EarlyExitRunner:
   """Runs a multi-exit model with confidence thresholds, stage by stage, on compacted survivors.
 
+  Images are taken a chunk at a time (`chunk_batches` batches). Stage 1 runs on the whole chunk; the
+  features of its survivors are pooled, and stage k runs on full batches of survivors gathered from that
+  pool, only the chunk's last batch being padded (to the smallest bucket that holds it). All batches of a
+  stage are dispatched before any decision is read back, so the host's bookkeeping overlaps the device's
+  work.
+
   Args:
     model: a `MultiExitModule`.
     variables: its variables (params and batch statistics).
     preprocess: maps a batch of raw images (e.g. uint8) to the model's input (e.g. normalised float32);
       it runs inside the first stage's compiled function.
     batch_size: images per batch; the largest bucket.
+    num_buckets: batch sizes a partial batch can be padded to (batch_size, /2, /4, ...).
+    chunk_batches: batches per chunk (the pool of features held on the device).
   """
 
   def __init__(self, model: Any, variables: Any, preprocess=lambda x: x, batch_size: int = 256,
-               num_buckets: int = 5):
+               num_buckets: int = 5, chunk_batches: int = 4):
     self.model = model
     self.variables = variables
     self.batch_size = batch_size
+    self.chunk = batch_size * chunk_batches
     self.buckets = bucket_sizes(batch_size, num_buckets)
     self.calls: dict[tuple[int, int], int] = {}
+    chunk = self.chunk
+
+    def decide(logits):
+      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      return jnp.max(probs, -1), jnp.argmax(probs, -1)
 
     def first(variables, images):
       state, logits = model.apply(variables, preprocess(images), 1, method=model.stage)
-      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-      return state, jnp.max(probs, -1), jnp.argmax(probs, -1)
+      return (state, *decide(logits))
 
-    def later(variables, state, index, k):
+    def later(variables, pool, index, k):
       # Gathering inside the compiled stage keeps the features on the device and costs no dispatch.
-      state = jax.tree.map(lambda a: jnp.take(a, index, axis=0), state)
+      state = jax.tree.map(lambda a: jnp.take(a, index, axis=0), pool)
       state, logits = model.apply(variables, state, k, method=model.stage)
-      # Back to the full batch size, so that the next stage sees one input shape whatever this bucket.
+      # Back to the full batch size, so that the pool has one shape whatever the bucket.
       pad = batch_size - index.shape[0]
       state = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), state)
-      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-      return state, jnp.max(probs, -1), jnp.argmax(probs, -1)
+      return (state, *decide(logits))
+
+    def assemble(pieces):
+      def join(*xs):
+        x = jnp.concatenate(xs, axis=0)
+        return jnp.pad(x, [(0, chunk - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+      return jax.tree.map(join, *pieces)
 
     self._first = jax.jit(first)
     self._later = jax.jit(later, static_argnums=3)
+    self._assemble = jax.jit(assemble)
 
   def _bucket(self, n: int) -> int:
     return min(b for b in self.buckets if b >= n)
 
   def warmup(self, example_images: np.ndarray) -> None:
-    """Compiles every (stage, bucket) pair so that timed runs measure no compilation."""
+    """Compiles every program a run can need, so that timed runs measure no compilation."""
     images = np.repeat(example_images[:1], self.batch_size, axis=0)
-    state, conf, _ = self._first(self.variables, images)
-    outs = [conf]
+    state = self._first(self.variables, images)[0]
+    n_pieces = self.chunk // self.batch_size
+    outs = [self._assemble([state] * n) for n in range(1, n_pieces + 1)]
+    pool = outs[-1]
     for k in range(2, self.model.num_exits + 1):
       for b in self.buckets:
-        outs.append(self._later(self.variables, state, jnp.zeros((b,), jnp.int32), k))
-      state = outs[-len(self.buckets)][0]  # the full-size bucket's output feeds the next stage
+        outs.append(self._later(self.variables, pool, jnp.zeros((b,), jnp.int32), k))
+      pool = self._assemble([outs[-len(self.buckets)][0]] * n_pieces)
     jax.block_until_ready(outs)
 
   def run(self, images: np.ndarray, thresholds: Sequence[float]) -> EarlyExitResult:
@@ -109,30 +130,46 @@ class EarlyExitRunner:
     predictions = np.zeros((n,), np.int64)
     exits = np.zeros((n,), np.int64)
     start = time.perf_counter()
-    for lo in range(0, n, self.batch_size):
-      batch = images[lo:lo + self.batch_size]
-      real = len(batch)
-      if real < self.batch_size:  # pad the last batch; the padding is dropped at the first exit
-        batch = np.concatenate([batch, np.repeat(batch[:1], self.batch_size - real, axis=0)])
-      self._count(1, self.batch_size)
-      state, conf, pred = self._first(self.variables, batch)
-      alive = np.arange(real)          # positions, within `state`, of the samples still running
-      ids = lo + np.arange(real)       # their indices in `images`
-      for k in range(1, num_exits + 1):
-        if k > 1:
-          bucket = self._bucket(len(alive))
-          index = np.concatenate([alive, np.repeat(alive[:1], bucket - len(alive))]).astype(np.int32)
-          self._count(k, bucket)
-          state, conf, pred = self._later(self.variables, state, index, k)
-          alive = np.arange(len(alive))  # the survivors now sit at the front of the new state
-        conf_h, pred_h = np.asarray(conf)[alive], np.asarray(pred)[alive]
-        done = conf_h >= thresholds[k - 1] if k < num_exits else np.ones_like(conf_h, bool)
-        predictions[ids[done]] = pred_h[done]
-        exits[ids[done]] = k
-        alive, ids = alive[~done], ids[~done]
-        if not len(alive):
-          break
+    for lo in range(0, n, self.chunk):
+      self._run_chunk(images[lo:lo + self.chunk], lo, thresholds, predictions, exits)
     return EarlyExitResult(predictions, exits, time.perf_counter() - start, dict(self.calls))
+
+  def _run_chunk(self, images, offset, thresholds, predictions, exits) -> None:
+    b, num_exits = self.batch_size, self.model.num_exits
+    # Stage 1 on every batch of the chunk (dispatched together), then the decisions.
+    outs, sizes = [], []
+    for lo in range(0, len(images), b):
+      batch = images[lo:lo + b]
+      sizes.append(len(batch))
+      if len(batch) < b:  # pad the last batch; the padding is dropped at the first decision
+        batch = np.concatenate([batch, np.repeat(batch[:1], b - len(batch), axis=0)])
+      self._count(1, b)
+      outs.append(self._first(self.variables, batch))
+    # `groups` lists, per batch of the current stage, the images it holds (indices into `images`).
+    groups = [np.arange(i * b, i * b + size) for i, size in enumerate(sizes)]
+    for k in range(1, num_exits + 1):
+      if k > 1:
+        outs, new_groups = [], []
+        for lo in range(0, len(alive), b):
+          index = alive[lo:lo + b]
+          bucket = self._bucket(len(index))
+          index = np.concatenate([index, np.repeat(index[:1], bucket - len(index))]).astype(np.int32)
+          self._count(k, bucket)
+          outs.append(self._later(self.variables, pool, index, k))
+          new_groups.append(alive_ids[lo:lo + b])
+        groups = new_groups
+      alive, alive_ids = [], []
+      for i, (out, ids) in enumerate(zip(outs, groups)):
+        conf, pred = np.asarray(out[1])[:len(ids)], np.asarray(out[2])[:len(ids)]
+        done = conf >= thresholds[k - 1] if k < num_exits else np.ones(len(ids), bool)
+        predictions[offset + ids[done]] = pred[done]
+        exits[offset + ids[done]] = k
+        alive.append(i * b + np.flatnonzero(~done))  # positions in the pool assembled below
+        alive_ids.append(ids[~done])
+      alive, alive_ids = np.concatenate(alive), np.concatenate(alive_ids)
+      if not len(alive):
+        return
+      pool = self._assemble([out[0] for out in outs])
 
   def _count(self, k: int, bucket: int) -> None:
     self.calls[(k, bucket)] = self.calls.get((k, bucket), 0) + 1
