@@ -10,14 +10,14 @@ The rest is Huang et al.'s DenseNet-BC for CIFAR (2017): a 3x3 conv stem to 2k c
 layers BN-ReLU-conv1x1 (to 4k) -BN-ReLU-conv3x3 (to k) whose output is concatenated to the input;
 transitions BN-ReLU-conv1x1 (compression 0.5) -2x2 average pool between the blocks.
 
-Heads (the papers leave them open beyond "MSDNet-style"): by default (``head='msdnet'``) every exit, the
-final one included, is MSDNet's CIFAR head applied to the features average-pooled to 8x8
+Heads (not specified by the MSDNet paper; SPEC.md says "MSDNet-style"): by default (``head='msdnet'``) every
+exit, the final one included, is MSDNet's CIFAR head applied to the features average-pooled to 8x8
 (`layers.PooledMSDNetHead`; exactly MSDNet's head on the 8x8 maps of block 3), as in
 `msdfuse_jax.models.resnet_mc`. ``head='pool'`` puts DenseNet's own classifier (BN-ReLU-global average
 pool-Linear) at every exit instead.
 
 Width: the papers do not give the growth rate k. k = 8 puts the cost on the published DenseNet^MC curve
-(k = 7 falls 7-35 % below it, k = 9 20-27 % above it with pool heads; k = 12, the usual DenseNet-BC
+(k = 7 lies 7-29 % below it, k = 9 6-33 % above it even with pool heads; k = 12, the usual DenseNet-BC
 choice, costs about 3e8). Measured (literature convention, cumulative, `msdfuse_jax.costs.exit_costs`;
 C-100 differs only in the Linear layers):
 
@@ -33,16 +33,16 @@ C-100 differs only in the Linear layers):
   7     154,559,302    2,583,622   154,640,572    2,664,892   131,642,046     357,846    1.31e8
   ====  =============  ==========  =============  ==========  ===========  ===========  =========
 
-('pool' columns: CIFAR-10.) With MSDNet heads the cost is within -9 % .. +18 % of every published point
-(the 8x8 heads read up to 228 channels and cost about 5 M each, which the published late increments of
-0.03 and 0.01e8 leave no room for); with pool heads within -16 % .. +6 %, and 0.5 % at the last exit.
+('pool' columns: CIFAR-10.) With MSDNet heads the cost is within -9 % .. +18 % of every published point (the
+8x8 heads read up to 228 channels and cost about 5 M each, which the published late increments of 0.03 and
+0.01e8 leave no room for); with pool heads within -16 % .. +6 %, and 0.5 % at the last exit.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -112,7 +112,7 @@ class DenseNetMC(MultiExitModule):
   growth_rate: int = 8
   n_blocks: int = 3
   layers_per_block: int = 16
-  exit_after: tuple[int, ...] = (6, 12)
+  exit_after: Sequence[int] = (6, 12)
   bottleneck_factor: int = 4
   compression: float = 0.5
   init_channels: int = 0

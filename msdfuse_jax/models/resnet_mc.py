@@ -9,14 +9,14 @@ and 3 strided, and a parameter-free identity shortcut where the shape changes (o
 zero-pad the channels; ``shortcut='conv'`` gives option B, a 1x1 conv + BN projection).
 1 + 3 * 10 * 2 + 1 = 62 layers.
 
-Heads (the papers leave them open beyond "MSDNet-style"): by default (``head='msdnet'``) every exit, the
-final one included, is MSDNet's CIFAR head (ConvBasic 3x3/2 -> 128, ConvBasic 3x3/2 -> 128, 2x2 average
-pool, Linear) applied to the block output average-pooled to 8x8 (`layers.PooledMSDNetHead`): window and
-stride 4 on 32x32 maps, 2 on 16x16 maps, nothing on 8x8 maps, where the head is exactly MSDNet's. Feeding a
-32x32 map to the strided head directly would cost 14 M ops per head, far off the published curve.
+Heads (not specified by the MSDNet paper; SPEC.md says "MSDNet-style"): by default (``head='msdnet'``) every
+exit, the final one included, is MSDNet's CIFAR head (ConvBasic 3x3/2 -> 128, ConvBasic 3x3/2 -> 128, 2x2
+average pool, Linear) applied to the block output average-pooled to 8x8 (`layers.PooledMSDNetHead`): window
+and stride 4 on 32x32 maps, 2 on 16x16 maps, nothing on 8x8 maps, where the head is exactly MSDNet's.
+Feeding a 32x32 map to the strided head directly would cost 14 M ops per head, far off the published curve.
 ``head='pool'`` puts the ResNet's own classifier (global average pool -> Linear) at every exit instead.
 
-Widths: He et al.'s 16/32/64 (the papers give no other). Measured (literature convention, cumulative,
+Widths: He et al.'s 16/32/64 (the MSDNet paper gives none). Measured (literature convention, cumulative,
 `msdfuse_jax.costs.exit_costs`; C-100 differs only in the Linear layers) against the MSDNet paper's
 ResNet^MC curve:
 
@@ -33,12 +33,12 @@ ResNet^MC curve:
   ====  =============  ==========  =============  ==========  ===========  ===========  =========
 
 ('pool' columns: CIFAR-10.) The increments between exits, 0.199, 0.285, 0.201, 0.290, 0.207, 0.112 e8
-(MSDNet heads) or 0.190, 0.273, 0.189, 0.272, 0.189, 0.095 e8 (pool heads), match the published ones,
-0.20, 0.28, 0.20, 0.28, 0.19, 0.10, so the widths are right; the absolute values sit about 0.1e8 above
-the published ones. No network of this description can reach the published first point: exit 1 (stem +
-4 blocks + head) costs more than exit 2 - exit 1 (4 identical blocks + an identical head), whereas the
-published curve has 0.08 < 0.20. Narrower widths would shrink the increments rather than the offset
-(widths 15/30/60 give 0.18 ... 1.325e8 with MSDNet heads).
+(MSDNet heads) or 0.190, 0.273, 0.189, 0.272, 0.189, 0.095 e8 (pool heads), match the published ones, 0.20,
+0.28, 0.20, 0.28, 0.19, 0.10, which these widths reproduce; the absolute values sit about 0.1e8 above the
+published ones. No network of this description can reach the published first point: exit 1 (stem + 4 blocks
++ head) costs more than exit 2 - exit 1 (4 identical blocks + an identical head), whereas the published
+curve has 0.08 < 0.20. Narrower widths would shrink the increments rather than the offset (widths 15/30/60
+give 0.18 ... 1.325e8 with MSDNet heads).
 """
 
 from __future__ import annotations
