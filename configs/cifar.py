@@ -38,8 +38,10 @@ def parse_arg(arg: str | None) -> dict[str, str | bool]:
 
 def tiny_preset(model: str) -> str:
   """The tiny variant of a preset used by `runlocal` (the preset itself when there is none)."""
-  family = model.split("_")[0]
-  return f"{family}_tiny" if f"{family}_tiny" in models.PRESETS else model
+  for candidate in (f"{model}_tiny", f"{model.split('_')[0]}_tiny"):
+    if candidate in models.PRESETS:
+      return candidate
+  return model
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
