@@ -47,6 +47,7 @@ def main(argv) -> None:
   for name in ("config", "state_dict", "workdir"):
     if getattr(FLAGS, name) is None:
       flags_util.fail(f"--{name} is required")
+  flags_util.quiet_library_logs()
   try:
     where = import_weights(FLAGS.config, FLAGS.state_dict, FLAGS.workdir)
   except (ValueError, FileNotFoundError) as e:

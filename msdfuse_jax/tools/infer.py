@@ -86,6 +86,7 @@ def main(argv) -> None:
   if FLAGS.p is not None and not 1 <= FLAGS.p <= 39:
     flags_util.fail(f"--p must lie in 1..39, got {FLAGS.p}")
   flags_util.enable_compilation_cache()
+  flags_util.quiet_library_logs()
   try:
     out = run_inference(FLAGS.workdir, FLAGS.p, FLAGS.budget, FLAGS.batch_size, FLAGS.repeats)
   except (FileNotFoundError, ValueError, checkpoints.CheckpointError, input_pipeline.DataError) as e:
