@@ -7,7 +7,6 @@ import pytest
 
 from msdfuse_jax import checkpoints, models, run_config
 from msdfuse_jax.interop import torch_msdnet
-from msdfuse_jax.tools import import_torch
 from tests.conftest import REPO, shared_file
 
 
@@ -89,7 +88,7 @@ def test_import_cli_writes_a_loadable_run(tmp_path, reference):
   import configs.cifar as cifar  # pylint: disable=import-outside-toplevel
   config = cifar.get_config("dataset=cifar10,model=msdnet_anytime7")
   workdir = tmp_path / "run"
-  import_torch.import_weights(config, str(shared_file("reference", "msdnet_anytime_cifar10_seed0.npz")),
+  torch_msdnet.import_weights(config, str(shared_file("reference", "msdnet_anytime_cifar10_seed0.npz")),
                               str(workdir))
   loaded = run_config.load_config(str(workdir))
   assert loaded.model.name == "msdnet_anytime7"

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from msdfuse_jax import checkpoints, run_config
 from msdfuse_jax.models.msdnet import MSDNet
 
 Path = tuple[str, ...]
@@ -167,3 +168,24 @@ def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
   if isinstance(obj, dict) and "state_dict" in obj:
     obj = obj["state_dict"]
   return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+
+
+# Entries of the reference .npz files that are data, not weights.
+NON_WEIGHT_KEYS = ("input", "logits")
+
+
+def import_weights(config, state_dict_path: str, workdir: str) -> str:
+  """Converts the weights at `state_dict_path` for `config`'s model into a run at `workdir`."""
+  model = run_config.build_model(config, dtype="float32")
+  state_dict = load_state_dict_file(state_dict_path)
+  for key in NON_WEIGHT_KEYS:
+    state_dict.pop(key, None)
+  variables = convert_state_dict(model, state_dict)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    # MSDNet-PyTorch normalises with fixed published statistics; evaluation must do the same.
+    config.data.normalization = "published"
+  run_config.save_config(workdir, config)
+  mngr = checkpoints.manager(workdir)
+  checkpoints.save(mngr, 0, {"step": 0, **variables})
+  return checkpoints.checkpoint_dir(workdir)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from msdfuse_jax import checkpoints, run_config
 from msdfuse_jax.interop import torch_msdnet
 from msdfuse_jax.tools import flags_util
 
@@ -21,27 +20,6 @@ flags.DEFINE_string("state_dict", None, "The PyTorch weights: .npz, or .pth/.pt 
 flags.DEFINE_string("workdir", None, "Directory to create the run in.")
 FLAGS = flags.FLAGS
 
-# Entries of the reference .npz files that are data, not weights.
-NON_WEIGHT_KEYS = ("input", "logits")
-
-
-def import_weights(config, state_dict_path: str, workdir: str) -> str:
-  """Converts the weights at `state_dict_path` for `config`'s model into a run at `workdir`."""
-  model = run_config.build_model(config, dtype="float32")
-  state_dict = torch_msdnet.load_state_dict_file(state_dict_path)
-  for key in NON_WEIGHT_KEYS:
-    state_dict.pop(key, None)
-  variables = torch_msdnet.convert_state_dict(model, state_dict)
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    # MSDNet-PyTorch normalises with fixed published statistics; evaluation must do the same.
-    config.data.normalization = "published"
-  run_config.save_config(workdir, config)
-  mngr = checkpoints.manager(workdir)
-  checkpoints.save(mngr, 0, {"step": 0, **variables})
-  return checkpoints.checkpoint_dir(workdir)
-
-
 def main(argv) -> None:
   del argv
   for name in ("config", "state_dict", "workdir"):
@@ -49,7 +27,7 @@ def main(argv) -> None:
       flags_util.fail(f"--{name} is required")
   flags_util.quiet_library_logs()
   try:
-    where = import_weights(FLAGS.config, FLAGS.state_dict, FLAGS.workdir)
+    where = torch_msdnet.import_weights(FLAGS.config, FLAGS.state_dict, FLAGS.workdir)
   except (ValueError, FileNotFoundError) as e:
     flags_util.fail(str(e))
   print(f"imported {FLAGS.state_dict} into {where}")

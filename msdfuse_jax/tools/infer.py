@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 from absl import app, flags
 
-from msdfuse_jax import checkpoints, costs, inference, input_pipeline, run_config
-from msdfuse_jax.evaluation import budget, evaluate, predict
+from msdfuse_jax import checkpoints, input_pipeline
+from msdfuse_jax.evaluation import evaluate
 from msdfuse_jax.tools import flags_util
 
 flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
@@ -28,53 +27,6 @@ flags.DEFINE_float("budget", None, "Average cost per image (literature op_counte
 flags.DEFINE_integer("batch_size", 256, "Images per batch (the largest bucket).")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
 FLAGS = flags.FLAGS
-
-
-def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_size: int,
-                  repeats: int) -> dict:
-  """Fits thresholds, runs early exit and the baselines, checks against the simulation."""
-  config, model, variables, step, data = evaluate.load_run(workdir)
-  mean, std = np.asarray(data.mean), np.asarray(data.std)
-  predict_fn = predict.make_predict_fn(model, mean, std)
-  val_probs = predict.predict_probs(model, variables, data.val_images, mean, std, batch_size,
-                                    predict_fn=predict_fn)
-  test_probs = predict.predict_probs(model, variables, data.test_images, mean, std, batch_size,
-                                     predict_fn=predict_fn)
-  exit_costs = [c.op_counter for c in costs.exit_costs(run_config.build_model(config, dtype="float32"),
-                                                       with_xla=False)]
-  if p is None:
-    p = budget.thresholds_for_budget(val_probs, exit_costs, cost_budget)
-  thresholds = budget.fit_thresholds(val_probs, p)
-  sim_exits, sim_preds = budget.apply_thresholds(test_probs, thresholds)
-
-  preprocess = lambda images: input_pipeline.eval_batch(images, mean, std)
-  runner = inference.EarlyExitRunner(model, variables, preprocess, batch_size=batch_size)
-  runner.warmup(data.test_images)
-  result = min((runner.run(data.test_images, thresholds) for _ in range(repeats)),
-               key=lambda r: r.seconds)
-  every_exit, last_exit = inference.full_network_fns(model, preprocess)
-  t_full = inference.time_batches(every_exit, variables, data.test_images, batch_size, repeats)
-  t_last = inference.time_batches(last_exit, variables, data.test_images, batch_size, repeats)
-
-  n = len(data.test_images)
-  counts = np.bincount(result.exits - 1, minlength=model.num_exits)
-  expected_cost = float(np.dot(counts / n, exit_costs))
-  predicted = exit_costs[-1] / expected_cost
-  realised = t_full / result.seconds
-  return {
-      "workdir": workdir, "step": step, "p": int(p), "thresholds": [float(t) for t in thresholds],
-      "num_images": n, "batch_size": batch_size, "buckets": runner.buckets,
-      "exit_counts": counts.tolist(),
-      "accuracy": float(100.0 * np.mean(result.predictions == data.test_labels)),
-      "expected_cost": expected_cost, "full_cost": exit_costs[-1],
-      "early_exit_images_per_s": n / result.seconds,
-      "full_network_images_per_s": n / t_full,
-      "last_exit_images_per_s": n / t_last,
-      "speedup_vs_full": realised, "speedup_vs_last_exit": t_last / result.seconds,
-      "predicted_speedup": predicted, "realised_over_predicted": realised / predicted,
-      "matches_simulation": bool(np.array_equal(result.exits, sim_exits + 1)
-                                 and np.array_equal(result.predictions, sim_preds)),
-  }
 
 
 def main(argv) -> None:
@@ -88,7 +40,7 @@ def main(argv) -> None:
   flags_util.enable_compilation_cache()
   flags_util.quiet_library_logs()
   try:
-    out = run_inference(FLAGS.workdir, FLAGS.p, FLAGS.budget, FLAGS.batch_size, FLAGS.repeats)
+    out = evaluate.run_inference(FLAGS.workdir, FLAGS.p, FLAGS.budget, FLAGS.batch_size, FLAGS.repeats)
   except (FileNotFoundError, ValueError, checkpoints.CheckpointError, input_pipeline.DataError) as e:
     flags_util.fail(str(e))
   os.makedirs(os.path.join(FLAGS.workdir, evaluate.EVAL_DIR), exist_ok=True)

@@ -1,0 +1,163 @@
+"""msdfuse-bench: throughput of the training and evaluation steps of a configured model.
+
+  msdfuse-bench --config=configs/cifar.py:dataset=cifar100,model=msdnet_anytime7 --batch_size=64 \
+      --eval_batch_size=256 [--steps=10] [--json=FILE]
+
+Runs the exact pmapped steps that `msdfuse-train` runs (on-device batch gathering, augmentation, SGD
+update) on random uint8 images, and prints train images/s, eval images/s, compile times and peak memory.
+JSON keys: train_images_per_s, eval_images_per_s, compile_s (train step), eval_compile_s, peak_memory_mb,
+peak_memory_source, plus the settings. It measures, it asserts nothing; the persistent compilation cache
+is left off so that compile times are real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from msdfuse_jax import metrics, parallel, run_config, train
+from msdfuse_jax import train_state as ts
+from msdfuse_jax.tools import flags_util
+
+flags_util.define_config_flag()
+flags.DEFINE_integer("batch_size", None, "Global training batch size (default: config.train.batch_size).")
+flags.DEFINE_integer("eval_batch_size", None, "Global eval batch size (default: config.eval.batch_size).")
+flags.DEFINE_integer("steps", 10, "Timed training steps (after one untimed step that compiles).")
+flags.DEFINE_integer("eval_steps", 5, "Timed eval steps.")
+flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+flags.DEFINE_bool("tuned_cpu_flags", True, "Add parallel.CPU_XLA_FLAGS (the XLA:CPU settings measured "
+                  "fastest for these models) to XLA_FLAGS, except flags already set there.")
+FLAGS = flags.FLAGS
+
+
+def _peak_memory_mb() -> tuple[float, str]:
+  """Peak device memory where the backend reports it (GPU/TPU), else the process's peak RSS (CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**20, "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def _timed(fn, *args) -> tuple[Any, float]:
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - t0
+
+
+def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_size: int, steps: int = 10,
+              eval_steps: int = 5) -> dict[str, Any]:
+  """Measures the train and eval steps of `config`'s model; returns the figures as a dict."""
+  model = run_config.build_model(config)
+  num_classes = run_config.num_classes(config)
+  train_cfg = ml_collections.ConfigDict(config.train.to_dict())
+  train_cfg.batch_size, train_cfg.num_steps = batch_size, steps + 1
+  rng = np.random.default_rng(0)
+  n = batch_size * (steps + 1) // jax.process_count()  # every timed step reads distinct images
+  images = rng.integers(0, 256, (n, *ts.IMAGE_SHAPE), dtype=np.uint8)
+  labels = rng.integers(0, num_classes, (n,), dtype=np.int32)
+  plan = train.make_plan(train_cfg, n)
+  schedule = ts.learning_rate_schedule(config.optim, plan.steps_per_epoch, plan.total_steps)
+  tx = ts.create_optimizer(config.optim, schedule)
+  weights = metrics.exit_weights(config.optim.exit_weights, model.num_exits)
+  mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+  p_train_step, p_eval_step = train.make_steps(model, tx, config.aug, plan, weights, mean, std, num_classes)
+
+  state = parallel.replicate(ts.init_train_state(model, tx, jax.random.PRNGKey(0)))
+  dataset = parallel.replicate({"image": images, "label": labels})
+  perm = parallel.replicate(train.epoch_permutation(0, 0, n))
+  local_ids, global_ids = parallel.local_shard_ids(plan.num_shards)
+  shards = parallel.shard({"local": local_ids, "global": global_ids})
+  aug_rng = parallel.replicate(jax.random.PRNGKey(1))
+
+  load_before = os.getloadavg()[0]
+  (state, _), first = _timed(p_train_step, state, dataset, perm, shards, aug_rng)
+  t0, c0 = time.perf_counter(), time.process_time()
+  for _ in range(steps):
+    state, metrics = p_train_step(state, dataset, perm, shards, aug_rng)
+  jax.block_until_ready((state, metrics))
+  step_s = (time.perf_counter() - t0) / steps
+  step_cpu_s = (time.process_time() - c0) / steps
+
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  batch = next(parallel.eval_batches(images[:eval_batch_size], labels[:eval_batch_size], eval_batch_size,
+                                     eval_batch_size * jax.process_count()))
+  batch = parallel.shard(batch)
+  _, eval_first = _timed(p_eval_step, variables, batch)
+  t0, c0 = time.perf_counter(), time.process_time()
+  for _ in range(eval_steps):
+    out = p_eval_step(variables, batch)
+  jax.block_until_ready(out)
+  eval_s = (time.perf_counter() - t0) / eval_steps
+  eval_cpu_s = (time.process_time() - c0) / eval_steps
+  peak_mb, peak_source = _peak_memory_mb()
+  return {
+      "model": config.model.name, "dataset": config.dataset, "dtype": config.model.dtype,
+      "backend": jax.default_backend(), "devices": jax.device_count(),
+      "batch_size": batch_size, "eval_batch_size": eval_batch_size,
+      "train_step_s": step_s, "train_images_per_s": batch_size / step_s,
+      "eval_step_s": eval_s, "eval_images_per_s": eval_batch_size / eval_s,
+      # The first call compiles and runs once; subtracting one steady step leaves the compile (and
+      # dispatch set-up) time.
+      "compile_s": max(first - step_s, 0.0), "eval_compile_s": max(eval_first - eval_s, 0.0),
+      "peak_memory_mb": peak_mb, "peak_memory_source": peak_source,
+      # CPU seconds of this process per step (all threads), and the 1-minute load average before the
+      # timed steps: on a shared machine, a load above the core count means the wall-clock figures
+      # above are contended.
+      "train_cpu_s_per_step": step_cpu_s, "eval_cpu_s_per_step": eval_cpu_s,
+      "load_average": load_before, "cpu_count": os.cpu_count(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+
+
+def format_report(report: dict[str, Any]) -> str:
+  return "\n".join([
+      f"{report['model']} on {report['dataset']} ({report['dtype']}), {report['devices']} "
+      f"{report['backend']} device(s)",
+      f"train: batch {report['batch_size']:5d}  {report['train_images_per_s']:9.1f} images/s  "
+      f"({1000 * report['train_step_s']:.1f} ms/step)  compile {report['compile_s']:.1f} s",
+      f"eval:  batch {report['eval_batch_size']:5d}  {report['eval_images_per_s']:9.1f} images/s  "
+      f"({1000 * report['eval_step_s']:.1f} ms/step)  compile {report['eval_compile_s']:.1f} s",
+      f"peak memory: {report['peak_memory_mb']:.0f} MB ({report['peak_memory_source']})",
+      f"CPU time per step: train {report['train_cpu_s_per_step']:.3f} s, eval "
+      f"{report['eval_cpu_s_per_step']:.3f} s; load average {report['load_average']:.2f} on "
+      f"{report['cpu_count']} CPUs; XLA_FLAGS={report['xla_flags']!r}",
+  ])
+
+
+def main(argv) -> None:
+  del argv
+  if FLAGS.config is None:
+    flags_util.fail("--config is required, e.g. --config=configs/cifar.py:dataset=cifar100,"
+                    "model=msdnet_anytime7")
+  if FLAGS.tuned_cpu_flags:
+    parallel.use_fast_cpu_flags()  # read when the backend starts, i.e. below
+  config = FLAGS.config
+  batch_size = FLAGS.batch_size or config.train.batch_size
+  eval_batch_size = FLAGS.eval_batch_size or config.eval.batch_size
+  if FLAGS.steps < 1 or FLAGS.eval_steps < 1:
+    flags_util.fail("--steps and --eval_steps must be at least 1")
+  try:
+    report = benchmark(config, batch_size, eval_batch_size, FLAGS.steps, FLAGS.eval_steps)
+  except (ValueError, train.ConfigError) as e:
+    flags_util.fail(str(e))
+  print(format_report(report))
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {FLAGS.json}")
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,428 @@
+"""Training a multi-exit classifier on CIFAR: `train_and_evaluate(config, workdir)`.
+
+Data flow: this process's share of the training set is put on every local device once, as uint8 (CIFAR is
+150 MB). The compiled step gathers its own batch from a permutation derived from (seed, epoch), augments it
+with a key derived from (seed, step, shard) and takes one SGD step, so the only per-step traffic between
+host and devices is the dispatch itself, and a resumed run sees exactly the batches, augmentations and
+updates of an uninterrupted one.
+
+The loop around it: clu metric writers (TensorBoard and the log), periodic evaluation of every exit on the
+validation split and the test set, orbax checkpoints (periodic, at the end, and on SIGTERM at the next step
+boundary), automatic resumption, and a clear stop on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from jax import lax
+
+from msdfuse_jax import checkpoints, input_pipeline, parallel, run_config
+from msdfuse_jax import metrics as metrics_lib
+from msdfuse_jax import train_state as ts
+
+Metrics = metrics_lib.Metrics
+FINAL_METRICS_FILE = "final_metrics.json"  # the newest value of every logged scalar, written at the end
+
+
+class ConfigError(ValueError):
+  """The config cannot describe a run (unknown model, bad batch layout, ...)."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or infinite; the bad state was not saved."""
+
+
+class Preempted(RuntimeError):
+  """The run stopped on SIGTERM after saving a checkpoint; the same command resumes it."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# The pure steps. Each is bound with functools.partial and pmapped once, in `train_and_evaluate`.
+
+
+def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model, tx,
+               aug: ml_collections.ConfigDict, mean: np.ndarray, std: np.ndarray, num_classes: int,
+               weights: np.ndarray) -> tuple[ts.TrainState, Metrics]:
+  """One SGD step on this device's shards of the global batch; runs under `parallel.pmap`.
+
+  Args:
+    state: the (replicated) train state.
+    batch: ``image`` uint8 (S, b, H, W, C), ``label`` int32 (S, b) and ``shard`` int32 (S,): the S shards
+      this device runs and their global indices.
+    rng: the run's augmentation key, the same on every device.
+    model, tx, aug, mean, std, num_classes, weights: bound with functools.partial (static).
+
+  Returns:
+    The new state and the metric sums of the whole global batch (accuracy against the un-mixed labels).
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+
+  def shard_grads(images, labels, shard):
+    key = jax.random.fold_in(step_rng, shard)
+    x, targets = input_pipeline.augment_batch(key, images, labels, aug, mean, std, num_classes)
+
+    def loss_fn(params):
+      logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                                    mutable=["batch_stats"])
+      sums = metrics_lib.exit_metrics(logits, targets, labels)
+      return jnp.dot(weights, sums["loss"]) / sums["count"], (updates.get("batch_stats", {}), sums)
+
+    grads, (batch_stats, sums) = jax.grad(loss_fn, has_aux=True)(state.params)
+    return grads, batch_stats, sums
+
+  images, labels, shards = batch["image"], batch["label"], batch["shard"]
+  if images.shape[0] == 1:  # one shard per device: no vmap, the common case
+    out = jax.tree.map(lambda x: x[None], shard_grads(images[0], labels[0], shards[0]))
+  else:  # several shards per device: BatchNorm statistics and Mixup pairs stay per shard
+    out = jax.vmap(shard_grads)(images, labels, shards)
+  grads, batch_stats, sums = out
+  # Every shard has the same size, so the mean over local shards and then over devices is the gradient of
+  # the global-batch loss. Running BatchNorm statistics are averaged the same way, which keeps them
+  # identical on every replica (each replica normalised with its own batch statistics in the forward pass).
+  grads, batch_stats = lax.pmean(jax.tree.map(lambda x: x.mean(0), (grads, batch_stats)), parallel.AXIS)
+  sums = lax.psum(jax.tree.map(lambda x: x.sum(0), sums), parallel.AXIS)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state), sums
+
+
+def gather_batch(dataset: dict[str, jax.Array], perm: jax.Array, step: jax.Array,
+                 local_shards: jax.Array, *, steps_per_epoch: int, local_batch: int,
+                 shard_batch: int) -> dict[str, jax.Array]:
+  """This device's shards of step `step`'s batch, taken from the on-device dataset.
+
+  Process p's batch at step s is ``perm[(s mod steps_per_epoch) * local_batch:][:local_batch]`` of its own
+  data, where `perm` is the epoch's permutation; local shard j is the j-th `shard_batch` slice of that.
+  """
+  start = (step % steps_per_epoch) * local_batch
+
+  def one(shard):
+    idx = lax.dynamic_slice(perm, (start + shard * shard_batch,), (shard_batch,))
+    return jnp.take(dataset["image"], idx, axis=0), jnp.take(dataset["label"], idx, axis=0)
+
+  images, labels = jax.vmap(one)(local_shards)
+  return {"image": images, "label": labels}
+
+
+def data_parallel_step(state: ts.TrainState, dataset: dict[str, jax.Array], perm: jax.Array,
+                       shards: dict[str, jax.Array], rng: jax.Array, *, gather, step
+                       ) -> tuple[ts.TrainState, Metrics]:
+  """`gather_batch` then `train_step` (both bound with partial): the function that is pmapped."""
+  batch = gather(dataset, perm, state.step, shards["local"])
+  return step(state, {**batch, "shard": shards["global"]}, rng)
+
+
+def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model, mean: np.ndarray,
+              std: np.ndarray, num_classes: int) -> Metrics:
+  """Metric sums of every exit (eval mode) on one padded, masked batch, summed over devices."""
+  x = input_pipeline.eval_batch(batch["image"], mean, std)
+  logits = model.apply(variables, x, train=False)
+  targets = jax.nn.one_hot(batch["label"], num_classes)
+  return lax.psum(metrics_lib.exit_metrics(logits, targets, batch["label"], batch["mask"]), parallel.AXIS)
+
+
+def evaluate_all(p_eval_step, state: ts.TrainState, eval_sets: dict[str, tuple[np.ndarray, np.ndarray, int]],
+                 batch_size: int, weights: np.ndarray) -> dict[str, float]:
+  """Every exit on every eval set: ``{set}/loss``, ``{set}/loss_exit{k}``, ``{set}/accuracy_exit{k}``.
+
+  Args:
+    p_eval_step: the pmapped `eval_step`.
+    state: the replicated train state.
+    eval_sets: name -> (this process's images, labels, size of the whole set).
+    batch_size: the global eval batch size.
+    weights: the exit weights of the summed loss.
+  """
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  scalars = {}
+  for name, (images, labels, total) in eval_sets.items():
+    sums = None
+    for batch in parallel.eval_batches(images, labels, batch_size, total):
+      out = p_eval_step(variables, parallel.shard(batch))
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    scalars.update(metrics_lib.summarize(parallel.unreplicate(sums), weights, name))
+  return scalars
+
+
+# --------------------------------------------------------------------------------------------------------
+# The host side.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How the global batch is laid out and how long the run is."""
+
+  num_shards: int       # shards of the global batch (units of BatchNorm statistics and Mixup pairs)
+  shard_batch: int      # samples per shard
+  local_batch: int      # samples per process and step
+  steps_per_epoch: int  # full local batches per pass over this process's data
+  total_steps: int
+
+
+def make_plan(train: ml_collections.ConfigDict, num_local_examples: int) -> Plan:
+  """Checks the batch layout against the devices and the data; raises ConfigError when it cannot work."""
+  try:
+    shards = parallel.num_shards(train.get("num_shards", 0))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if train.batch_size <= 0 or train.batch_size % shards:
+    raise ConfigError(f"config.train.batch_size={train.batch_size} must be a positive multiple of the "
+                      f"{shards} batch shards (one per device unless config.train.num_shards is set)")
+  local_batch = train.batch_size // jax.process_count()
+  steps_per_epoch = num_local_examples // local_batch
+  if steps_per_epoch < 1:
+    raise ConfigError(f"config.train.batch_size={train.batch_size} is larger than the "
+                      f"{num_local_examples * jax.process_count()} training images")
+  total = train.num_steps if train.num_steps > 0 else int(train.num_epochs * steps_per_epoch)
+  if total < 1:
+    raise ConfigError("the run has no steps: set config.train.num_epochs > 0 or config.train.num_steps > 0")
+  return Plan(shards, train.batch_size // shards, local_batch, steps_per_epoch, total)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The order of this process's examples in `epoch`: a function of (seed, epoch) only, for exact resume."""
+  return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
+def make_steps(model, tx, aug: ml_collections.ConfigDict, plan: Plan, weights: np.ndarray,
+               mean: np.ndarray, std: np.ndarray, num_classes: int):
+  """The pmapped train step ``(state, dataset, perm, shards, rng) -> (state, metrics)`` and eval step.
+
+  This is the one place the steps are bound and pmapped (training and `msdfuse-bench` both use it).
+  """
+  common = dict(model=model, mean=mean, std=std, num_classes=num_classes)
+  step_fn = functools.partial(train_step, tx=tx, aug=aug, weights=weights, **common)
+  gather_fn = functools.partial(gather_batch, steps_per_epoch=plan.steps_per_epoch,
+                                local_batch=plan.local_batch, shard_batch=plan.shard_batch)
+  # The state is donated: XLA updates parameters and optimiser state in place instead of keeping two
+  # copies alive across the step.
+  p_train_step = parallel.pmap(functools.partial(data_parallel_step, gather=gather_fn, step=step_fn),
+                               donate_argnums=(0,))
+  p_eval_step = parallel.pmap(functools.partial(eval_step, **common))
+  return p_train_step, p_eval_step
+
+
+class Preemption:
+  """Turns SIGTERM into a request to save a checkpoint and stop at the next step boundary.
+
+  Single process: a Python signal handler sets a flag. Several processes: every host must stop at the same
+  step, so JAX's preemption service (started by `jax.distributed.initialize`, which owns SIGTERM then)
+  picks the step and `multihost_utils.reached_preemption_sync_point` reports it on every host.
+  """
+
+  def __init__(self):
+    self._requested = False
+    self._previous = None
+
+  def __enter__(self) -> "Preemption":
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _handle(self, signum, frame) -> None:  # only sets a flag: the loop does the work
+    del signum, frame
+    self._requested = True
+
+  def request(self) -> None:
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop now, after `step` steps (call it at every step)."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return multihost_utils.reached_preemption_sync_point(step) or self._requested
+    return self._requested
+
+
+def _check_saved_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir holds one model: resuming it with another would fail deep inside the restore."""
+  try:
+    saved = run_config.load_config(workdir)
+  except FileNotFoundError:
+    return
+  if saved.get("model", {}).to_dict() != config.model.to_dict() or saved.get("dataset") != config.dataset:
+    raise ConfigError(f"{workdir} holds a run of model {saved.model.get('name')!r} on "
+                      f"{saved.get('dataset')} with other hyper-parameters; use another --workdir (or "
+                      "the same model config to resume it)")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       preemption: Preemption | None = None) -> ts.TrainState:
+  """Trains `config`'s model in `workdir`, resuming from its newest checkpoint; returns the final state.
+
+  Raises:
+    input_pipeline.DataError: the data is missing or malformed (the message says what to put where).
+    ConfigError: the config cannot describe a run.
+    checkpoints.CheckpointError: no checkpoint of the workdir can be read.
+    NonFiniteLossError: the loss became NaN/inf; checkpoints hold the last good state.
+    Preempted: SIGTERM arrived; a checkpoint of the last finished step was saved.
+  """
+  parallel.maybe_initialize_distributed(config.train.get("distributed", False))
+  _check_saved_config(config, workdir)
+  try:
+    model = run_config.build_model(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  try:
+    weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  data = input_pipeline.load_cifar(config.dataset, config.data, workdir)
+  if jax.process_index() == 0:
+    run_config.save_config(workdir, config)
+  train_x, train_y = input_pipeline.host_shard(data.train_images, data.train_labels, jax.process_index(),
+                                               jax.process_count())
+  plan = make_plan(config.train, len(train_x))
+  schedule = ts.learning_rate_schedule(config.optim, plan.steps_per_epoch, plan.total_steps)
+  tx = ts.create_optimizer(config.optim, schedule)
+  root = jax.random.PRNGKey(config.seed)
+  state, how = ts.restore_or_init(workdir, ts.init_train_state(model, tx, jax.random.fold_in(root, 0)))
+  start = int(state.step)
+  logging.info("%s run in %s at step %d of %d (%d steps/epoch, %d shards of %d on %d devices, %d "
+               "processes)", how, workdir, start, plan.total_steps, plan.steps_per_epoch,
+               plan.num_shards, plan.shard_batch, jax.device_count(), jax.process_count())
+
+  p_train_step, p_eval_step = make_steps(model, tx, config.aug, plan, weights, data.mean, data.std,
+                                         data.num_classes)
+  dataset = parallel.replicate({"image": train_x, "label": train_y})
+  local_ids, global_ids = parallel.local_shard_ids(plan.num_shards)
+  shards = parallel.shard({"local": local_ids, "global": global_ids})
+  aug_rng = parallel.replicate(jax.random.fold_in(root, 1))
+  eval_sets = {}
+  for name, (x, y) in (("val", (data.val_images, data.val_labels)),
+                       ("test", (data.test_images, data.test_labels))):
+    if len(x):
+      eval_sets[name] = (*input_pipeline.host_shard(x, y, jax.process_index(), jax.process_count(),
+                                                    drop_remainder=False), len(x))
+  eval_every = config.train.eval_every_steps if config.train.eval_every_steps > 0 else plan.steps_per_epoch
+  ckpt_every = config.train.checkpoint_every_steps
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  mngr = checkpoints.manager(workdir, max_to_keep=config.train.keep_checkpoints)
+  state = parallel.replicate(state)
+  loop = _Loop(plan, schedule, weights, writer, mngr, start)
+  try:
+    if start >= plan.total_steps:
+      logging.info("nothing to do: the run already finished (step %d)", start)
+    with preemption or Preemption() as stop:
+      perm_epoch, perm = -1, None
+      for step in range(start, plan.total_steps):
+        epoch = step // plan.steps_per_epoch
+        if epoch != perm_epoch:
+          perm_epoch, perm = epoch, parallel.replicate(epoch_permutation(config.seed, epoch, len(train_x)))
+        state, metrics = p_train_step(state, dataset, perm, shards, aug_rng)
+        loop.pending.append((step + 1, metrics))
+        done = step + 1
+        last = done == plan.total_steps
+        if done % config.train.log_every_steps == 0 or last:
+          loop.log_train(done)
+        if done % eval_every == 0 or last:
+          t0 = time.perf_counter()
+          scalars = evaluate_all(p_eval_step, state, eval_sets, config.eval.batch_size, weights)
+          loop.log_eval(done, scalars, time.perf_counter() - t0)
+        if (ckpt_every > 0 and done % ckpt_every == 0) or last:
+          loop.save(done, state)
+        if stop.reached(done) and not last:
+          if loop.saved_step != done:
+            loop.save(done, state)
+          raise Preempted(f"stopped by SIGTERM after step {done} of {plan.total_steps}; checkpoint saved "
+                          f"in {checkpoints.checkpoint_dir(workdir)}; run the same command to resume")
+    loop.write_final(workdir, plan.total_steps)
+  finally:
+    writer.flush()
+    mngr.close()
+  return jax.tree.map(jnp.asarray, parallel.unreplicate(state))
+
+
+class _Loop:
+  """The host-side bookkeeping of `train_and_evaluate`: metric buffers, logging, checks and saves."""
+
+  def __init__(self, plan: Plan, schedule, weights: np.ndarray, writer, mngr, start: int):
+    self.plan, self.schedule, self.weights = plan, schedule, weights
+    self.writer, self.mngr = writer, mngr
+    self.pending: list[tuple[int, Metrics]] = []  # (step, device metrics) not yet fetched
+    self.sums: dict[str, np.ndarray] | None = None  # host sums since the last log line
+    self.latest: dict[str, float] = {}  # the newest value of every scalar, for final_metrics.json
+    self.saved_step = start
+    self.t_last, self.step_last, self.eval_seconds = time.perf_counter(), start, 0.0
+
+  def _fetch(self) -> None:
+    """Adds the pending metrics to the host sums (the loop's only host sync); stops on a non-finite loss."""
+    for step, metrics in self.pending:
+      sums = parallel.unreplicate(metrics)
+      if not np.all(np.isfinite(sums["loss"])):
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} (per-exit loss sums {sums['loss'].tolist()}); stopped without "
+            f"saving it; the last good checkpoint is step {self.saved_step} in "
+            f"{self.mngr.directory}. Lower config.optim.learning_rate, lengthen warm-up or use float32")
+      self.sums = sums if self.sums is None else jax.tree.map(np.add, self.sums, sums)
+    self.pending = []
+
+  def log_train(self, step: int) -> None:
+    self._fetch()
+    sums, self.sums = self.sums, None
+    now = time.perf_counter()
+    seconds = max(now - self.t_last - self.eval_seconds, 1e-9)
+    steps_per_second = (step - self.step_last) / seconds
+    eta_hours = (self.plan.total_steps - step) / steps_per_second / 3600
+    scalars = metrics_lib.summarize(sums, self.weights, "train")
+    scalars.update(learning_rate=float(self.schedule(step - 1)), steps_per_second=steps_per_second,
+                   eta_hours=eta_hours, epoch=step / self.plan.steps_per_epoch)
+    self.writer.write_scalars(step, scalars)
+    self.latest.update(scalars)
+    k = len(self.weights)
+    logging.info("step %d/%d (epoch %.2f): loss %.4f, train accuracy exit 1 %.1f%% / exit %d %.1f%%, "
+                 "lr %.4g, %.2f steps/s, ETA %.2f h", step, self.plan.total_steps, scalars["epoch"],
+                 scalars["train/loss"], 100 * scalars["train/accuracy_exit1"], k,
+                 100 * scalars[f"train/accuracy_exit{k}"], scalars["learning_rate"], steps_per_second,
+                 eta_hours)
+    self.t_last, self.step_last, self.eval_seconds = now, step, 0.0
+
+  def log_eval(self, step: int, scalars: dict[str, float], seconds: float) -> None:
+    self.eval_seconds += seconds
+    if not scalars:
+      return
+    self.writer.write_scalars(step, scalars)
+    self.latest.update(scalars)
+    for split in sorted({name.split("/")[0] for name in scalars}):
+      accs = [scalars[f"{split}/accuracy_exit{k}"] for k in range(1, len(self.weights) + 1)]
+      logging.info("step %d %s accuracy per exit: %s", step, split, " ".join(f"{100 * a:.2f}" for a in accs))
+
+  def write_final(self, workdir: str, step: int) -> None:
+    """Writes the newest train and eval scalars to ``workdir/final_metrics.json`` (process 0)."""
+    if jax.process_index() == 0 and self.latest:
+      path = os.path.join(workdir, FINAL_METRICS_FILE)
+      with open(path + ".tmp", "w") as f:
+        json.dump({"step": step, **self.latest}, f, indent=2, sort_keys=True)
+      os.replace(path + ".tmp", path)
+
+  def save(self, step: int, state: ts.TrainState) -> None:
+    """Saves `state` after checking every loss since the last check, and the state itself, is finite."""
+    self._fetch()  # raises on a non-finite loss
+    host = parallel.unreplicate(state)
+    if not ts.all_finite(host.params):
+      raise NonFiniteLossError(f"non-finite parameters after step {step}; stopped without saving them; "
+                               f"the last good checkpoint is step {self.saved_step} in "
+                               f"{self.mngr.directory}")
+    checkpoints.save(self.mngr, step, host.to_checkpoint())
+    self.saved_step = step
+    logging.info("saved checkpoint at step %d", step)

@@ -1,0 +1,37 @@
+"""msdfuse-bench: it runs the training and eval steps and reports every figure (it asserts no speed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from msdfuse_jax.tools import bench
+from tests.conftest import REPO
+
+KEYS = {"train_images_per_s", "eval_images_per_s", "compile_s", "peak_memory_mb"}
+
+
+def test_bench_cli_prints_and_writes_the_figures(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "msdfuse_jax.tools.bench",
+       f"--config={REPO}/configs/cifar.py:dataset=cifar100,model=msdnet_tiny", "--batch_size=8",
+       "--eval_batch_size=16", "--steps=2", "--eval_steps=1", f"--json={out}"],
+      capture_output=True, text=True, cwd=tmp_path, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert KEYS <= set(report)
+  assert all(report[k] > 0 for k in KEYS - {"compile_s"}) and report["compile_s"] >= 0
+  assert report["model"] == "msdnet_tiny" and report["batch_size"] == 8 and report["eval_batch_size"] == 16
+  assert "images/s" in proc.stdout and "compile" in proc.stdout
+
+
+def test_report_format_names_every_figure():
+  report = dict(model="m", dataset="cifar10", dtype="float32", devices=1, backend="cpu", batch_size=64,
+                eval_batch_size=256, train_images_per_s=130.0, train_step_s=0.49, compile_s=30.0,
+                eval_images_per_s=400.0, eval_step_s=0.64, eval_compile_s=4.0, peak_memory_mb=2000.0,
+                peak_memory_source="process peak RSS", train_cpu_s_per_step=0.9, eval_cpu_s_per_step=1.2,
+                load_average=0.5, cpu_count=2, xla_flags="")
+  text = bench.format_report(report)
+  for figure in ("130.0 images/s", "400.0 images/s", "compile 30.0 s", "2000 MB"):
+    assert figure in text

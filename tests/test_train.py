@@ -1,0 +1,305 @@
+"""Training: schedule, decay mask, metrics, batch layout, resume, SIGTERM, 2 devices, bad inputs, the CLI.
+
+Hermetic and CPU-only: the tiny model on the real CIFAR-10 subset from ../shared/data (archive source).
+The runs share one config where they can, so that the persistent compilation cache (tests/conftest.py)
+compiles each step once.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import cifar
+from msdfuse_jax import checkpoints, input_pipeline, metrics, run_config, train
+from msdfuse_jax import train_state as ts
+from tests.conftest import REPO, shared_file
+
+C10 = ("data", "cifar-10-python-subset.tar.gz")
+STEPS = 80
+
+
+def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
+  """msdnet_tiny on the CIFAR-10 subset, 80 steps of 2 shards of 16 (the vmap path on 1 device).
+
+  Every run of this module that trains uses this config, so the train and eval steps compile once (the
+  settings below that change between tests are host-side only: logging, evaluation, checkpoints).
+  """
+  config = cifar.get_config("dataset=cifar10,model=msdnet_tiny,runlocal")
+  config.data.source = "archive"
+  config.data.path = str(shared_file(*C10))
+  config.aug.mixup_alpha = config.aug.cutmix_alpha = 0.0  # a clean signal in few steps
+  config.optim.learning_rate = 0.2
+  config.train.batch_size = 32
+  config.train.num_shards = 2
+  config.train.num_steps = STEPS
+  config.train.log_every_steps = 20
+  config.train.eval_every_steps = 1000  # evaluation at the end only
+  config.train.checkpoint_every_steps = 40
+  config.eval.batch_size = 512
+  for key, value in train_overrides.items():
+    config.train[key] = value
+  return config
+
+
+def params_of(state) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+class StopAt(train.Preemption):
+  """A preemption that arrives after a given step, as SIGTERM would."""
+
+  def __init__(self, step):
+    super().__init__()
+    self.step = step
+
+  def reached(self, step):
+    return step == self.step or super().reached(step)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The reference run of `tiny_config()`: its workdir and final parameters."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  state = train.train_and_evaluate(tiny_config(), str(workdir))
+  return workdir, params_of(state)
+
+
+# ---- pure pieces ------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
+  optim = ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_epochs=2.0))
+  schedule = ts.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=120)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(10)), 0.05, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(20)), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(70)), 0.05, rtol=1e-5)  # half-way through the cosine
+  assert float(schedule(120)) == pytest.approx(0.0, abs=1e-9)
+  # A run shorter than the warm-up warms up over half of it.
+  short = ts.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=8)
+  np.testing.assert_allclose(float(short(4)), 0.1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("decay_1d", [False, True])
+def test_weight_decay_exempts_biases_and_1d_parameters_unless_asked(decay_1d):
+  optim = ml_collections.ConfigDict(dict(weight_decay=0.5, decay_1d=decay_1d, momentum=0.9, nesterov=True))
+  tx = ts.create_optimizer(optim, lambda step: 1.0)
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "bn": {"scale": jnp.ones((2,))}}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  # Nesterov SGD on the decay term alone: -lr * (1 + momentum) * weight_decay * p.
+  np.testing.assert_allclose(updates["kernel"], -0.95 * np.ones((2, 2)), rtol=1e-6)
+  expected_1d = -0.95 if decay_1d else 0.0
+  np.testing.assert_allclose(updates["bias"], expected_1d, rtol=1e-6)
+  np.testing.assert_allclose(updates["bn"]["scale"], expected_1d, rtol=1e-6)
+
+
+def test_exit_metrics_known_answers():
+  # Exit 1 is right on both samples, exit 2 on the first only; the second sample is padding.
+  logits = (jnp.array([[2.0, 0.0], [0.0, 2.0]]), jnp.array([[1.0, 0.0], [1.0, 0.0]]))
+  labels = jnp.array([0, 1])
+  targets = jax.nn.one_hot(labels, 2)
+  sums = metrics.exit_metrics(logits, targets, labels)
+  ce_2_0 = np.log1p(np.exp(-2.0))  # cross-entropy of the right class at logit margin 2
+  ce_1_0 = np.log1p(np.exp(-1.0))
+  np.testing.assert_allclose(sums["loss"], [2 * ce_2_0, ce_1_0 + np.log1p(np.exp(1.0))], rtol=1e-6)
+  np.testing.assert_allclose(sums["correct"], [2, 1])
+  assert float(sums["count"]) == 2
+  masked = metrics.exit_metrics(logits, targets, labels, mask=jnp.array([1.0, 0.0]))
+  np.testing.assert_allclose(masked["correct"], [1, 1])
+  out = metrics.summarize(jax.tree.map(np.asarray, masked), np.array([1.0, 0.5]), "val")
+  assert out["val/accuracy_exit1"] == 1.0 and out["val/accuracy_exit2"] == 1.0
+  np.testing.assert_allclose(out["val/loss"], ce_2_0 + 0.5 * ce_1_0, rtol=1e-6)
+  with pytest.raises(ValueError, match="3 entries but the model has 2 exits"):
+    metrics.exit_weights((1, 1, 1), 2)
+
+
+def test_every_epoch_visits_each_example_once_in_a_seeded_order():
+  n, local_batch, shard_batch = 20, 6, 3  # 3 full batches an epoch, 2 examples left over
+  dataset = {"image": jnp.arange(n)[:, None, None, None] * jnp.ones((1, 2, 2, 3), jnp.int32),
+             "label": jnp.arange(n, dtype=jnp.int32)}
+  seen = []
+  for epoch in range(2):
+    perm = jnp.asarray(train.epoch_permutation(seed=7, epoch=epoch, n=n))
+    for step in range(epoch * 3, epoch * 3 + 3):
+      batch = train.gather_batch(dataset, perm, jnp.int32(step), jnp.arange(2), steps_per_epoch=3,
+                                 local_batch=local_batch, shard_batch=shard_batch)
+      assert batch["image"].shape == (2, 3, 2, 2, 3)
+      np.testing.assert_array_equal(batch["image"][..., 0, 0, 0], batch["label"])
+      seen.append(np.asarray(batch["label"]).ravel())
+  first, second = np.concatenate(seen[:3]), np.concatenate(seen[3:])
+  assert len(set(first)) == 18 and len(set(second)) == 18  # no repeats within an epoch
+  assert not np.array_equal(first, second)  # a new order every epoch
+  np.testing.assert_array_equal(train.epoch_permutation(7, 1, n), train.epoch_permutation(7, 1, n))
+
+
+def test_batch_layout_errors_name_the_fields():
+  config = tiny_config()
+  with pytest.raises(train.ConfigError, match="multiple of the 2 batch shards"):
+    train.make_plan(ml_collections.ConfigDict({**config.train.to_dict(), "batch_size": 15}), 1000)
+  with pytest.raises(train.ConfigError, match="larger than the 10 training images"):
+    train.make_plan(config.train, 10)
+
+
+def test_sigterm_sets_the_stop_flag_and_the_handler_is_restored():
+  before = signal.getsignal(signal.SIGTERM)
+  with train.Preemption() as stop:
+    assert not stop.reached(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+    assert stop.reached(2)
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---- runs -------------------------------------------------------------------------------------------------
+
+
+def test_short_run_on_the_cifar10_subset_learns(uninterrupted):
+  workdir, _ = uninterrupted
+  final = json.loads((workdir / train.FINAL_METRICS_FILE).read_text())
+  assert final["step"] == STEPS
+  num_exits = 3
+  # The loss starts at about ln(10) per exit; the last 20 train steps (augmented, smoothed) and the clean
+  # held-out sets are clearly below that after 80 steps.
+  assert final["train/loss"] < 0.96 * num_exits * np.log(10), final
+  assert final["test/loss"] < 0.92 * num_exits * np.log(10), final
+  assert final["val/loss"] < 0.92 * num_exits * np.log(10), final
+  for k in range(1, num_exits + 1):  # chance is 10 %
+    assert final[f"test/accuracy_exit{k}"] > 0.15, final
+    assert final[f"val/accuracy_exit{k}"] > 0.15, final
+  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["40", "80"]
+  assert run_config.load_config(str(workdir)).model.name == "msdnet_tiny"
+  assert (workdir / input_pipeline.VAL_SPLIT_FILENAME).exists()
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+
+
+def interrupted_run(workdir, step: int) -> list[np.ndarray]:
+  """Runs `tiny_config()` in `workdir` until a preemption after `step`; returns the parameters it saved."""
+  with pytest.raises(train.Preempted, match=f"after step {step} of {STEPS}"):
+    train.train_and_evaluate(tiny_config(), str(workdir), preemption=StopAt(step))
+  saved_step, saved = checkpoints.restore(str(workdir))
+  assert saved_step == step and os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
+  return [np.asarray(x) for x in jax.tree.leaves(saved["params"])]
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, uninterrupted):
+  _, reference = uninterrupted
+  workdir = tmp_path / "run"
+  interrupted_run(workdir, 30)  # mid-epoch, between log, eval and checkpoint steps
+  resumed = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert int(resumed.step) == STEPS
+  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["30", "40", "80"]
+  for got, want in zip(params_of(resumed), reference):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Running the finished run again is a no-op.
+  again = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert int(again.step) == STEPS
+
+
+def test_two_devices_give_the_result_of_one(tmp_path):
+  # Both runs have 2 batch shards: one device runs both (vmapped), two devices one each (pmean across
+  # them). They agree up to float summation order. Compared after one step: this tiny net at LR 0.2
+  # amplifies a float-rounding difference about 100x per step (1e-6, 1e-4, 3e-3 after steps 1, 2, 3).
+  reference = interrupted_run(tmp_path / "one", 1)
+  out = tmp_path / "params.npz"
+  script = (
+      "import json, sys, numpy as np, jax, ml_collections\n"
+      "import tests.conftest\n"  # the shared compilation cache
+      "from msdfuse_jax import checkpoints, train\n"
+      "from tests.test_train import StopAt\n"
+      "assert jax.device_count() == 2, jax.devices()\n"
+      "config = ml_collections.ConfigDict(json.loads(sys.argv[1]))\n"
+      "try:\n"
+      "  train.train_and_evaluate(config, sys.argv[2], preemption=StopAt(1))\n"
+      "except train.Preempted:\n"
+      "  pass\n"
+      "step, state = checkpoints.restore(sys.argv[2])\n"
+      "assert step == 1, step\n"
+      "np.savez(sys.argv[3], *[np.asarray(x) for x in jax.tree.leaves(state['params'])])\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()}
+  proc = subprocess.run([sys.executable, "-c", script, tiny_config().to_json(), str(tmp_path / "run"),
+                         str(out)], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(out)
+  assert len(got.files) == len(reference)
+  for i, want in enumerate(reference):
+    np.testing.assert_allclose(got[f"arr_{i}"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+  # Resume from a checkpoint whose parameters are NaN (the same compiled step as the other runs).
+  config = tiny_config(log_every_steps=1, checkpoint_every_steps=1)
+  model = run_config.build_model(config)
+  tx = ts.create_optimizer(config.optim, lambda step: 0.1)
+  state = ts.init_train_state(model, tx, jax.random.PRNGKey(0))
+  state = state.replace(step=jnp.int32(4), params=jax.tree.map(lambda p: p * np.nan, state.params))
+  checkpoints.save(checkpoints.manager(str(tmp_path)), 4, state.to_checkpoint())
+  with pytest.raises(train.NonFiniteLossError, match="non-finite loss at step 5.*last good checkpoint is "
+                     "step 4"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == ["4"]
+
+
+def test_bad_inputs_raise_their_own_errors(tmp_path):
+  config = tiny_config()
+  config.data.path = str(tmp_path / "missing.tar.gz")
+  with pytest.raises(input_pipeline.DataError, match="missing.tar.gz"):
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+  config = tiny_config()
+  config.model.name = "nope"
+  with pytest.raises(train.ConfigError, match="unknown model 'nope'"):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+  # A workdir belongs to one model.
+  run_config.save_config(str(tmp_path / "c"), tiny_config())
+  other = cifar.get_config("dataset=cifar10,model=msdfuse_tiny,runlocal")
+  with pytest.raises(train.ConfigError, match="another --workdir"):
+    train.train_and_evaluate(other, str(tmp_path / "c"))
+
+
+def test_imported_weights_start_a_fresh_optimizer(tmp_path):
+  config = tiny_config()
+  model = run_config.build_model(config)
+  tx = ts.create_optimizer(config.optim, lambda step: 0.1)
+  imported = ts.init_train_state(model, tx, jax.random.PRNGKey(42))
+  checkpoints.save(checkpoints.manager(str(tmp_path)), 0,
+                   {"step": 0, "params": imported.params, "batch_stats": imported.batch_stats})
+  fresh = ts.init_train_state(model, tx, jax.random.PRNGKey(0))
+  state, how = ts.restore_or_init(str(tmp_path), fresh)
+  assert how == "imported" and int(state.step) == 0
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(imported.params)):
+    np.testing.assert_array_equal(got, want)
+  assert jax.tree.structure(state.opt_state) == jax.tree.structure(fresh.opt_state)
+
+
+# ---- the command line -------------------------------------------------------------------------------------
+
+
+def run_cli(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "msdfuse_jax.tools.train", *args], capture_output=True,
+                        text=True, cwd=cwd, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_cli_without_workdir_says_so(tmp_path):
+  proc = run_cli(f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=msdnet_tiny,runlocal", cwd=tmp_path)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: --workdir is required")
+
+
+def test_cli_missing_data_is_one_line_naming_the_file(tmp_path):
+  proc = run_cli(f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=msdnet_tiny,runlocal",
+                 "--config.data.source=archive", f"--config.data.path={tmp_path}/nowhere.tar.gz",
+                 f"--workdir={tmp_path}/run", cwd=tmp_path)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "nowhere.tar.gz" in last
