@@ -330,6 +330,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if epoch != perm_epoch:
           perm_epoch, perm = epoch, parallel.replicate(epoch_permutation(config.seed, epoch, len(train_x)))
         state, metrics = p_train_step(state, dataset, perm, shards, aug_rng)
+        if loop.pending:
+          # Let the host run at most one step ahead of the devices: the queue stays full, and SIGTERM
+          # (whose handler runs only between Python bytecodes) is acted on within a step or two
+          # instead of after every step dispatched up to the next log line.
+          jax.block_until_ready(loop.pending[-1][1])
         loop.pending.append((step + 1, metrics))
         done = step + 1
         last = done == plan.total_steps

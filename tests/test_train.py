@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import cifar
-from msdfuse_jax import checkpoints, input_pipeline, metrics, run_config, train
+from msdfuse_jax import checkpoints, input_pipeline, metrics, parallel, run_config, train
 from msdfuse_jax import train_state as ts
 from tests.conftest import REPO, shared_file
 
@@ -158,6 +158,17 @@ def test_sigterm_sets_the_stop_flag_and_the_handler_is_restored():
     time.sleep(0.05)  # the handler runs between bytecodes of the main thread
     assert stop.reached(2)
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_tuned_cpu_flags_keep_what_the_user_set(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot --xla_foo=1")
+  parallel.use_fast_cpu_flags()
+  flags = os.environ["XLA_FLAGS"].split()
+  assert flags[:2] == ["--xla_cpu_experimental_ynn_fusion_type=individual_dot", "--xla_foo=1"]
+  assert "--xla_cpu_experimental_ynn_fusion_type=" not in flags
+  assert set(parallel.CPU_XLA_FLAGS[1:]) <= set(flags)
+  parallel.use_fast_cpu_flags()  # idempotent
+  assert os.environ["XLA_FLAGS"].split() == flags
 
 
 # ---- runs -------------------------------------------------------------------------------------------------

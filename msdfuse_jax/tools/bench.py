@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from msdfuse_jax import metrics, parallel, run_config, train
+from msdfuse_jax import parallel, run_config, train
+from msdfuse_jax import metrics as metrics_lib
 from msdfuse_jax import train_state as ts
 from msdfuse_jax.tools import flags_util
 
@@ -66,7 +67,7 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   plan = train.make_plan(train_cfg, n)
   schedule = ts.learning_rate_schedule(config.optim, plan.steps_per_epoch, plan.total_steps)
   tx = ts.create_optimizer(config.optim, schedule)
-  weights = metrics.exit_weights(config.optim.exit_weights, model.num_exits)
+  weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
   mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
   p_train_step, p_eval_step = train.make_steps(model, tx, config.aug, plan, weights, mean, std, num_classes)
 
