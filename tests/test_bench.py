@@ -8,6 +8,9 @@ import sys
 from msdfuse_jax.tools import bench
 from tests.conftest import REPO
 
+# The suite's compilation cache (tests/conftest.py), so that a second run skips the compile.
+CACHE = os.environ.get("MSDFUSE_JAX_CACHE", str(REPO / ".jax_cache"))
+
 KEYS = {"train_images_per_s", "eval_images_per_s", "compile_s", "peak_memory_mb"}
 
 
@@ -16,8 +19,9 @@ def test_bench_cli_prints_and_writes_the_figures(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "msdfuse_jax.tools.bench",
        f"--config={REPO}/configs/cifar.py:dataset=cifar100,model=msdnet_tiny", "--batch_size=8",
-       "--eval_batch_size=16", "--steps=2", "--eval_steps=1", f"--json={out}"],
-      capture_output=True, text=True, cwd=tmp_path, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+       "--eval_batch_size=16", "--steps=2", "--eval_steps=1", "--compilation_cache", f"--json={out}"],
+      capture_output=True, text=True, cwd=tmp_path, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "MSDFUSE_JAX_CACHE": str(CACHE)})
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert KEYS <= set(report)

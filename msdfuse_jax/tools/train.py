@@ -9,7 +9,6 @@ unknown model, impossible batch layout) is reported in one line, with status 2.
 
 from __future__ import annotations
 
-import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -24,13 +23,6 @@ flags.DEFINE_bool("tuned_cpu_flags", True, "Add parallel.CPU_XLA_FLAGS (the XLA:
 FLAGS = flags.FLAGS
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Drops orbax's per-save INFO chatter (about 30 lines a checkpoint); its warnings still show."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -43,7 +35,7 @@ def main(argv) -> None:
   # Before anything touches a device: a multi-host run must join the cluster first.
   parallel.maybe_initialize_distributed(FLAGS.config.train.distributed)
   flags_util.enable_compilation_cache()
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  flags_util.quiet_library_logs()
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train.Preempted as e:
