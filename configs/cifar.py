@@ -1,4 +1,4 @@
-r"""CIFAR-10 / CIFAR-100 configs for every model of the package (the paper's recipe, SPEC.md section 7).
+r"""CIFAR-10 / CIFAR-100 configs for every model of the package (the MSDFuse paper's recipe).
 
 Train the paper's model on CIFAR-100 (300 epochs, batch 512; about 76 % top-1 at the last exit in the
 paper, on GPUs):
@@ -21,6 +21,7 @@ from __future__ import annotations
 import ml_collections
 
 from msdfuse_jax import models
+from msdfuse_jax.data import augment
 
 
 def parse_arg(arg: str | None) -> dict[str, str | bool]:
@@ -76,14 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.normalization = "train"  # train: mean/std of the training images; published: MSDNet's
   config.data.allow_download = False  # let TFDS download CIFAR when it is not prepared (needs internet)
 
-  config.aug = ml_collections.ConfigDict()
-  config.aug.crop_padding = 4  # zero padding before the random 32x32 crop
-  config.aug.flip = True  # horizontal flip with p = 0.5
-  config.aug.mixup_alpha = 0.8  # 0 disables mixup
-  config.aug.cutmix_alpha = 1.0  # 0 disables cutmix
-  config.aug.switch_prob = 0.5  # probability of cutmix rather than mixup when both are on
-  config.aug.mix_prob = 1.0  # probability of mixing a batch at all
-  config.aug.label_smoothing = 0.1
+  # crop_padding: zero padding before the random 32x32 crop; flip: horizontal flip with p = 0.5;
+  # mixup_alpha / cutmix_alpha: 0 disables each; switch_prob: probability of cutmix rather than mixup when
+  # both are on; mix_prob: probability of mixing a batch at all; label_smoothing.
+  config.aug = ml_collections.ConfigDict(dict(augment.DEFAULTS))
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 0.1  # peak LR, for the global batch size below

@@ -3,27 +3,31 @@
 Every checkpoint holds one item, ``state``: a dict with ``step``, ``params``, ``batch_stats`` and, for
 checkpoints written by training, ``opt_state``. Imported weights (`msdfuse-import-torch`) have no
 ``opt_state``; training started from them begins a fresh optimiser.
+
+A step that cannot be read (a half-written or corrupted folder) never loses a run: readers fall back to the
+previous step, and training moves the unreadable folder to ``WORKDIR/unreadable_checkpoints/`` (with a
+warning naming it), so that the run can save that step again when it gets there.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-CHECKPOINT_DIR = "checkpoints"
+from msdfuse_jax import rundir
+
+checkpoint_dir = rundir.checkpoint_dir
 
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint in a workdir."""
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
 def manager(workdir: str, *, max_to_keep: int | None = 3, read_only: bool = False,
@@ -32,7 +36,10 @@ def manager(workdir: str, *, max_to_keep: int | None = 3, read_only: bool = Fals
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                          read_only=read_only,
                                          enable_async_checkpointing=enable_async)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state",))
+  # The handler is named up front (not inferred from the first save), so that a reader's manager can
+  # read a step's metadata before restoring it.
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers={"state": ocp.StandardCheckpointHandler()})
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any]) -> None:
@@ -42,40 +49,71 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any]) -> None:
   mngr.wait_until_finished()
 
 
-def restore(workdir: str, target: Any | None = None, step: int | None = None
-            ) -> tuple[int, dict[str, Any]] | None:
+def set_aside(workdir: str, step: int) -> str:
+  """Moves step `step`'s folder out of ``checkpoints/`` into ``unreadable_checkpoints/``; returns the
+  new path. The manager then no longer lists the step, and a later save of it starts afresh."""
+  source = os.path.join(checkpoint_dir(workdir), str(step))
+  target_dir = os.path.join(os.path.abspath(workdir), rundir.UNREADABLE_CHECKPOINT_DIR)
+  os.makedirs(target_dir, exist_ok=True)
+  target = os.path.join(target_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+  shutil.move(source, target)
+  return target
+
+
+def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None, step: int | None = None,
+            *, set_aside_unreadable: bool = False) -> tuple[int, dict[str, Any]] | None:
   """Restores the newest readable checkpoint (or `step`); None when the workdir has none.
 
-  A checkpoint that cannot be read (a half-written or corrupted step) is reported and skipped in favour of
-  the previous one, so one bad file never loses a whole run.
+  Each checkpoint is read once: its metadata says which entries it holds, and the arrays are restored
+  straight into the structure `target` gives for them.
 
   Args:
     workdir: the run directory.
-    target: an optional pytree with the structure to restore into (e.g. a fresh train state as a dict).
+    target: the pytree to restore into (e.g. a fresh train state as a dict), or a function from the
+      checkpoint's top-level keys (``{"step", "params", ...}``) to that pytree; None restores plain arrays.
     step: a specific step; None for the newest readable one.
+    set_aside_unreadable: once an older step has been read, move the unreadable newer ones out of the
+      way (training, which will save those steps again) instead of only skipping them (evaluation,
+      which leaves the workdir as it is). Nothing is moved when no step can be read.
+
+  Raises:
+    CheckpointError: when there are checkpoints but none of them can be read.
   """
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
   mngr = manager(workdir, max_to_keep=None, read_only=True)
   steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
-  errors = []
+  errors, unreadable = [], []
   for s in steps:
     try:
-      restore_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+      keys = set(mngr.item_metadata(s)["state"].keys())
+      tree = target(keys) if callable(target) else target
+      restore_args = ocp.args.StandardRestore(tree) if tree is not None else ocp.args.StandardRestore()
       restored = mngr.restore(s, args=ocp.args.Composite(state=restore_args))
-      return int(s), restored["state"]
     except Exception as e:  # orbax raises many types for unreadable files  # pylint: disable=broad-except
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+      errors.append(f"step {s}: {reason}")
+      unreadable.append(s)
       logging.warning("checkpoint step %s in %s is unreadable (%s); trying an older one", s,
-                      checkpoint_dir(workdir), e)
-      errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                      checkpoint_dir(workdir), reason)
+      continue
+    if unreadable:
+      logging.warning("using checkpoint step %s of %s (newer steps %s are unreadable)", s,
+                      checkpoint_dir(workdir), unreadable)
+    if set_aside_unreadable:
+      for bad in unreadable:
+        logging.warning("moved unreadable checkpoint step %s to %s; the run will save that step anew",
+                        bad, set_aside(workdir, bad))
+    return int(s), restored["state"]
   if errors:
     raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)}: " + "; ".join(errors)
-                          + ". Delete the corrupt step folders to start over.")
+                          + ". Move the unreadable step folders away (or use another --workdir) to start "
+                          "over.")
   return None
 
 
 def load_variables(workdir: str) -> tuple[dict[str, Any], int]:
-  """The model variables (``params``, ``batch_stats``) of a run's newest checkpoint, and its step."""
+  """The model variables (``params``, ``batch_stats``) of a run's newest readable checkpoint, and its step."""
   found = restore(workdir)
   if found is None:
     raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}: train first (`msdfuse-train "

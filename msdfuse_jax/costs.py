@@ -1,7 +1,7 @@
 """Per-exit cost accounting, derived from the model's own computation graph.
 
 For every exit k the costs are cumulative in execution order: blocks 1..k *and heads 1..k*, because an
-early-exit network evaluates every earlier head before it reaches exit k (SPEC.md section 5).
+early-exit network evaluates every earlier head before it reaches exit k (the MSDNet and RANet papers' convention).
 
 Nothing here knows any architecture. Exit k's costs come from the jaxpr of
 ``model.apply(variables, image, num_exits=k)`` at batch 1, walked equation by equation:

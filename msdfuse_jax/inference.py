@@ -25,6 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msdfuse_jax import costs, models
+from msdfuse_jax.data import augment
+from msdfuse_jax.evaluation import budget, evaluate, predict
+
 
 @dataclasses.dataclass
 class EarlyExitResult:
@@ -33,7 +37,6 @@ class EarlyExitResult:
   predictions: np.ndarray
   exits: np.ndarray
   seconds: float
-  stage_calls: dict[tuple[int, int], int]  # (stage, bucket size) -> number of calls
 
   @property
   def images_per_second(self) -> float:
@@ -71,10 +74,10 @@ class EarlyExitRunner:
                num_buckets: int = 5, chunk_batches: int = 4):
     self.model = model
     self.variables = variables
+    self.calls: dict[tuple[int, int], int] = {}  # (stage, bucket size) -> number of calls so far
     self.batch_size = batch_size
     self.chunk = batch_size * chunk_batches
     self.buckets = bucket_sizes(batch_size, num_buckets)
-    self.calls: dict[tuple[int, int], int] = {}
     chunk = self.chunk
 
     def decide(logits):
@@ -132,7 +135,7 @@ class EarlyExitRunner:
     start = time.perf_counter()
     for lo in range(0, n, self.chunk):
       self._run_chunk(images[lo:lo + self.chunk], lo, thresholds, predictions, exits)
-    return EarlyExitResult(predictions, exits, time.perf_counter() - start, dict(self.calls))
+    return EarlyExitResult(predictions, exits, time.perf_counter() - start)
 
   def _run_chunk(self, images, offset, thresholds, predictions, exits) -> None:
     b, num_exits = self.batch_size, self.model.num_exits
@@ -201,3 +204,61 @@ def time_batches(fn, variables: Any, images: np.ndarray, batch_size: int, repeat
     jax.block_until_ready(out)
     best = min(best, time.perf_counter() - start)
   return best
+
+
+def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_size: int,
+                  repeats: int) -> dict:
+  """`msdfuse-infer`'s work: fits thresholds, runs early exit and the baselines, checks the simulation.
+
+  Args:
+    workdir: a run directory (trained or imported).
+    p: the budget point (1..`budget.NUM_BUDGET_POINTS`), or None to use `cost_budget`.
+    cost_budget: the largest average cost per image (literature op_counter units) when `p` is None.
+    batch_size: images per batch (the largest bucket).
+    repeats: timed repetitions; the best is reported.
+
+  Returns:
+    The figures written to ``WORKDIR/eval/infer.json``.
+  """
+  config, model, variables, step, data = evaluate.load_run(workdir)
+  mean, std = np.asarray(data.mean), np.asarray(data.std)
+  predict_fn = predict.make_predict_fn(model, mean, std)
+  val_probs = predict.predict_probs(model, variables, data.val_images, mean, std, batch_size,
+                                    predict_fn=predict_fn)
+  test_probs = predict.predict_probs(model, variables, data.test_images, mean, std, batch_size,
+                                     predict_fn=predict_fn)
+  exit_costs = [c.op_counter for c in costs.exit_costs(models.from_config(config, dtype="float32"),
+                                                       with_xla=False)]
+  if p is None:
+    p = budget.thresholds_for_budget(val_probs, exit_costs, cost_budget)
+  thresholds = budget.fit_thresholds(val_probs, p)
+  sim_exits, sim_preds = budget.apply_thresholds(test_probs, thresholds)
+
+  preprocess = lambda images: augment.eval_batch(images, mean, std)
+  runner = EarlyExitRunner(model, variables, preprocess, batch_size=batch_size)
+  runner.warmup(data.test_images)
+  result = min((runner.run(data.test_images, thresholds) for _ in range(repeats)),
+               key=lambda r: r.seconds)
+  every_exit, last_exit = full_network_fns(model, preprocess)
+  t_full = time_batches(every_exit, variables, data.test_images, batch_size, repeats)
+  t_last = time_batches(last_exit, variables, data.test_images, batch_size, repeats)
+
+  n = len(data.test_images)
+  counts = np.bincount(result.exits - 1, minlength=model.num_exits)
+  expected_cost = float(np.dot(counts / n, exit_costs))
+  predicted = exit_costs[-1] / expected_cost
+  realised = t_full / result.seconds
+  return {
+      "workdir": workdir, "step": step, "p": int(p), "thresholds": [float(t) for t in thresholds],
+      "num_images": n, "batch_size": batch_size, "buckets": runner.buckets,
+      "exit_counts": counts.tolist(),
+      "accuracy": float(100.0 * np.mean(result.predictions == data.test_labels)),
+      "expected_cost": expected_cost, "full_cost": exit_costs[-1],
+      "early_exit_images_per_s": n / result.seconds,
+      "full_network_images_per_s": n / t_full,
+      "last_exit_images_per_s": n / t_last,
+      "speedup_vs_full": realised, "speedup_vs_last_exit": t_last / result.seconds,
+      "predicted_speedup": predicted, "realised_over_predicted": realised / predicted,
+      "matches_simulation": bool(np.array_equal(result.exits, sim_exits + 1)
+                                 and np.array_equal(result.predictions, sim_preds)),
+  }

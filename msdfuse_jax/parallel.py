@@ -9,13 +9,11 @@ or on N (up to float summation order). A later move to `jit` with shardings touc
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from typing import Any, Callable, Iterator
 
 import jax
-import jaxlib
 import numpy as np
 from absl import logging
 
@@ -36,52 +34,6 @@ def maybe_initialize_distributed(requested: bool) -> None:
   jax.distributed.initialize()
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-
-
-# XLA:CPU settings measured fastest for these convnets on a 2-core x86 CPU (msdfuse-bench, msdnet_anytime7,
-# CIFAR-100, batch 64 / 256; the profile is dominated by many small convolutions and BatchNorm reductions):
-# - no YNNPACK fusions: every convolution then runs in Eigen, faster for MSDNet's small channel counts;
-# - oneDNN takes the dots and the element-wise and reduction fusions;
-# - fast math for reassociation and FMA contraction only: NaN/Inf, division and functions stay exact, so
-#   a non-finite loss is still seen as one.
-# Together: train step about 25 % less CPU time, eval about twice the images/s of XLA's defaults. They only
-# touch the CPU backend.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",
-                 "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce",
-                 "--xla_cpu_enable_fast_math=true",
-                 "--xla_cpu_fast_math_honor_nans=true",
-                 "--xla_cpu_fast_math_honor_infs=true",
-                 "--xla_cpu_fast_math_honor_division=true",
-                 "--xla_cpu_fast_math_honor_functions=true")
-
-
-# Python modules of JAX's accelerator plugins (CUDA, ROCm, TPU).
-_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "jax_rocm60_plugin",
-                        "libtpu")
-# jaxlib releases whose XLA knows every flag of CPU_XLA_FLAGS (an unknown flag in XLA_FLAGS aborts the
-# process, and experimental flags come and go).
-_VALIDATED_JAXLIB = ("0.10.",)
-
-
-def use_fast_cpu_flags() -> None:
-  """Adds `CPU_XLA_FLAGS` to ``XLA_FLAGS``, except those the user already set there.
-
-  Only effective before the backend starts (the first device operation), so the tools call it first.
-  Set a flag yourself to override it: ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot``
-  restores XLA's default for that one.
-  """
-  # On a GPU/TPU host they would not help, and an XLA build that does not know an experimental flag
-  # refuses to start: leave XLA_FLAGS alone wherever an accelerator plugin is installed.
-  if any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS):
-    return
-  if not jaxlib.__version__.startswith(_VALIDATED_JAXLIB):
-    logging.info("jaxlib %s: XLA:CPU flags %s not validated for it, left unset", jaxlib.__version__,
-                 CPU_XLA_FLAGS)
-    return
-  current = os.environ.get("XLA_FLAGS", "")
-  extra = [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] + "=" not in current]
-  if extra:
-    os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
 def num_shards(requested: int) -> int:
@@ -156,7 +108,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, total:
   ``b = ceil(batch_size / device_count)``.
 
   Args:
-    images: this process's images (see `input_pipeline.host_shard(..., drop_remainder=False)`).
+    images: this process's images (see `cifar.host_shard(..., drop_remainder=False)`).
     labels: their labels.
     batch_size: the global eval batch size.
     total: the size of the whole eval set (over all processes).

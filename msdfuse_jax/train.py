@@ -17,8 +17,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -30,12 +28,13 @@ from absl import logging
 from clu import metric_writers
 from jax import lax
 
-from msdfuse_jax import checkpoints, input_pipeline, parallel, run_config
+from msdfuse_jax import checkpoints, models, parallel, preemption as preemption_lib, rundir
+from msdfuse_jax.data import augment, cifar
 from msdfuse_jax import metrics as metrics_lib
+from msdfuse_jax import optim
 from msdfuse_jax import train_state as ts
 
 Metrics = metrics_lib.Metrics
-FINAL_METRICS_FILE = "final_metrics.json"  # the newest value of every logged scalar, written at the end
 
 
 class ConfigError(ValueError):
@@ -47,11 +46,34 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-  """The run stopped on SIGTERM after saving a checkpoint; the same command resumes it."""
+  """The run stopped on SIGTERM (after saving a checkpoint, if it had taken a step); the same command
+  resumes it."""
 
 
 # --------------------------------------------------------------------------------------------------------
 # The pure steps. Each is bound with functools.partial and pmapped once, in `train_and_evaluate`.
+
+
+def loss_and_grads(params: Any, batch_stats: Any, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+                   model, aug: ml_collections.ConfigDict, mean: np.ndarray, std: np.ndarray, num_classes: int,
+                   weights: np.ndarray) -> tuple[Any, Any, Metrics]:
+  """One shard's gradient: augment with `key`, forward in training mode, weighted sum of exit losses.
+
+  The loss is ``sum_k weights[k] * mean_over_batch(CE_k)``, MSDNet-PyTorch's summed criterion.
+
+  Returns:
+    (gradient w.r.t. `params`, the shard's updated BatchNorm statistics, the shard's metric sums).
+  """
+  x, targets = augment.augment_batch(key, images, labels, aug, mean, std, num_classes)
+
+  def loss_fn(p):
+    logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                  mutable=["batch_stats"])
+    sums = metrics_lib.exit_metrics(logits, targets, labels)
+    return jnp.dot(weights, sums["loss"]) / sums["count"], (updates.get("batch_stats", {}), sums)
+
+  grads, (new_stats, sums) = jax.grad(loss_fn, has_aux=True)(params)
+  return grads, new_stats, sums
 
 
 def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model, tx,
@@ -72,17 +94,8 @@ def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array
   step_rng = jax.random.fold_in(rng, state.step)
 
   def shard_grads(images, labels, shard):
-    key = jax.random.fold_in(step_rng, shard)
-    x, targets = input_pipeline.augment_batch(key, images, labels, aug, mean, std, num_classes)
-
-    def loss_fn(params):
-      logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
-                                    mutable=["batch_stats"])
-      sums = metrics_lib.exit_metrics(logits, targets, labels)
-      return jnp.dot(weights, sums["loss"]) / sums["count"], (updates.get("batch_stats", {}), sums)
-
-    grads, (batch_stats, sums) = jax.grad(loss_fn, has_aux=True)(state.params)
-    return grads, batch_stats, sums
+    return loss_and_grads(state.params, state.batch_stats, images, labels, jax.random.fold_in(step_rng, shard),
+                          model=model, aug=aug, mean=mean, std=std, num_classes=num_classes, weights=weights)
 
   images, labels, shards = batch["image"], batch["label"], batch["shard"]
   if images.shape[0] == 1:  # one shard per device: no vmap, the common case
@@ -130,7 +143,7 @@ def data_parallel_step(state: ts.TrainState, dataset: dict[str, jax.Array], perm
 def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model, mean: np.ndarray,
               std: np.ndarray, num_classes: int) -> Metrics:
   """Metric sums of every exit (eval mode) on one padded, masked batch, summed over devices."""
-  x = input_pipeline.eval_batch(batch["image"], mean, std)
+  x = augment.eval_batch(batch["image"], mean, std)
   logits = model.apply(variables, x, train=False)
   targets = jax.nn.one_hot(batch["label"], num_classes)
   return lax.psum(metrics_lib.exit_metrics(logits, targets, batch["label"], batch["mask"]), parallel.AXIS)
@@ -147,7 +160,7 @@ def evaluate_all(p_eval_step, state: ts.TrainState, eval_sets: dict[str, tuple[n
     batch_size: the global eval batch size.
     weights: the exit weights of the summed loss.
   """
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = state.variables
   scalars = {}
   for name, (images, labels, total) in eval_sets.items():
     sums = None
@@ -216,90 +229,77 @@ def make_steps(model, tx, aug: ml_collections.ConfigDict, plan: Plan, weights: n
   return p_train_step, p_eval_step
 
 
-class Preemption:
-  """Turns SIGTERM into a request to save a checkpoint and stop at the next step boundary.
-
-  Single process: a Python signal handler sets a flag. Several processes: every host must stop at the same
-  step, so JAX's preemption service (started by `jax.distributed.initialize`, which owns SIGTERM then)
-  picks the step and `multihost_utils.reached_preemption_sync_point` reports it on every host.
-  """
-
-  def __init__(self):
-    self._requested = False
-    self._previous = None
-
-  def __enter__(self) -> "Preemption":
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-  def _handle(self, signum, frame) -> None:  # only sets a flag: the loop does the work
-    del signum, frame
-    self._requested = True
-
-  def request(self) -> None:
-    self._requested = True
-
-  def reached(self, step: int) -> bool:
-    """Whether to save and stop now, after `step` steps (call it at every step)."""
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      return multihost_utils.reached_preemption_sync_point(step) or self._requested
-    return self._requested
-
-
 def _check_saved_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """A workdir holds one model: resuming it with another would fail deep inside the restore."""
   try:
-    saved = run_config.load_config(workdir)
+    saved = rundir.load_config(workdir)
   except FileNotFoundError:
     return
-  if saved.get("model", {}).to_dict() != config.model.to_dict() or saved.get("dataset") != config.dataset:
-    raise ConfigError(f"{workdir} holds a run of model {saved.model.get('name')!r} on "
+  def architecture(c):  # the compute dtype may change between runs: the parameters stay float32
+    model = c.get("model")
+    if model is None:
+      return None
+    # Through JSON, as config.json holds it (tuples become lists).
+    return json.loads(json.dumps({k: v for k, v in model.to_dict().items() if k != "dtype"}))
+
+  if architecture(saved) != architecture(config) or saved.get("dataset") != config.dataset:
+    raise ConfigError(f"{workdir} holds a run of model {saved.get('model', {}).get('name')!r} on "
                       f"{saved.get('dataset')} with other hyper-parameters; use another --workdir (or "
                       "the same model config to resume it)")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       preemption: Preemption | None = None) -> ts.TrainState:
+                       preemption: preemption_lib.Preemption | None = None) -> ts.TrainState:
   """Trains `config`'s model in `workdir`, resuming from its newest checkpoint; returns the final state.
 
   Raises:
-    input_pipeline.DataError: the data is missing or malformed (the message says what to put where).
+    msdfuse_jax.data.sources.DataError: the data is missing or malformed (the message says what to put
+      where).
     ConfigError: the config cannot describe a run.
     checkpoints.CheckpointError: no checkpoint of the workdir can be read.
     NonFiniteLossError: the loss became NaN/inf; checkpoints hold the last good state.
-    Preempted: SIGTERM arrived; a checkpoint of the last finished step was saved.
+    Preempted: SIGTERM arrived; a checkpoint of the last finished step was saved (if a step had run).
   """
+  with preemption or preemption_lib.Preemption() as stop:
+    return _train(config, workdir, stop)
+
+
+def _stop_before(stop: preemption_lib.Preemption, step: int, total: int, workdir: str) -> None:
+  """Raises Preempted when SIGTERM arrived while the run was starting (no step taken since the start)."""
+  if jax.process_count() == 1 and stop.requested():
+    saved = f"the newest checkpoint is step {step}" if step else "no checkpoint was written"
+    raise Preempted(f"stopped by SIGTERM before step {step + 1} of {total}; nothing to save ({saved} in "
+                    f"{checkpoints.checkpoint_dir(workdir)}); run the same command to resume")
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           stop: preemption_lib.Preemption) -> ts.TrainState:
   parallel.maybe_initialize_distributed(config.train.get("distributed", False))
   _check_saved_config(config, workdir)
   try:
-    model = run_config.build_model(config)
+    model = models.from_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   try:
     weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  data = input_pipeline.load_cifar(config.dataset, config.data, workdir)
+  data = cifar.load_cifar(config.dataset, config.data, workdir)
   if jax.process_index() == 0:
-    run_config.save_config(workdir, config)
-  train_x, train_y = input_pipeline.host_shard(data.train_images, data.train_labels, jax.process_index(),
-                                               jax.process_count())
+    rundir.save_config(workdir, config)
+  train_x, train_y = cifar.host_shard(data.train_images, data.train_labels, jax.process_index(),
+                                      jax.process_count())
   plan = make_plan(config.train, len(train_x))
-  schedule = ts.learning_rate_schedule(config.optim, plan.steps_per_epoch, plan.total_steps)
-  tx = ts.create_optimizer(config.optim, schedule)
+  _stop_before(stop, 0, plan.total_steps, workdir)
+  schedule = optim.learning_rate_schedule(config.optim, plan.steps_per_epoch, plan.total_steps)
+  tx = optim.create_optimizer(config.optim, schedule)
   root = jax.random.PRNGKey(config.seed)
   state, how = ts.restore_or_init(workdir, ts.init_train_state(model, tx, jax.random.fold_in(root, 0)))
   start = int(state.step)
   logging.info("%s run in %s at step %d of %d (%d steps/epoch, %d shards of %d on %d devices, %d "
                "processes)", how, workdir, start, plan.total_steps, plan.steps_per_epoch,
                plan.num_shards, plan.shard_batch, jax.device_count(), jax.process_count())
+  _stop_before(stop, start, plan.total_steps, workdir)
 
   p_train_step, p_eval_step = make_steps(model, tx, config.aug, plan, weights, data.mean, data.std,
                                          data.num_classes)
@@ -311,8 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   for name, (x, y) in (("val", (data.val_images, data.val_labels)),
                        ("test", (data.test_images, data.test_labels))):
     if len(x):
-      eval_sets[name] = (*input_pipeline.host_shard(x, y, jax.process_index(), jax.process_count(),
-                                                    drop_remainder=False), len(x))
+      eval_sets[name] = (*cifar.host_shard(x, y, jax.process_index(), jax.process_count(),
+                                           drop_remainder=False), len(x))
   eval_every = config.train.eval_every_steps if config.train.eval_every_steps > 0 else plan.steps_per_epoch
   ckpt_every = config.train.checkpoint_every_steps
 
@@ -323,34 +323,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     if start >= plan.total_steps:
       logging.info("nothing to do: the run already finished (step %d)", start)
-    with preemption or Preemption() as stop:
-      perm_epoch, perm = -1, None
-      for step in range(start, plan.total_steps):
-        epoch = step // plan.steps_per_epoch
-        if epoch != perm_epoch:
-          perm_epoch, perm = epoch, parallel.replicate(epoch_permutation(config.seed, epoch, len(train_x)))
-        state, metrics = p_train_step(state, dataset, perm, shards, aug_rng)
-        if loop.pending:
-          # Let the host run at most one step ahead of the devices: the queue stays full, and SIGTERM
-          # (whose handler runs only between Python bytecodes) is acted on within a step or two
-          # instead of after every step dispatched up to the next log line.
-          jax.block_until_ready(loop.pending[-1][1])
-        loop.pending.append((step + 1, metrics))
-        done = step + 1
-        last = done == plan.total_steps
-        if done % config.train.log_every_steps == 0 or last:
-          loop.log_train(done)
-        if done % eval_every == 0 or last:
-          t0 = time.perf_counter()
-          scalars = evaluate_all(p_eval_step, state, eval_sets, config.eval.batch_size, weights)
-          loop.log_eval(done, scalars, time.perf_counter() - t0)
-        if (ckpt_every > 0 and done % ckpt_every == 0) or last:
+    _stop_before(stop, start, plan.total_steps, workdir)
+    perm_epoch, perm = -1, None
+    for step in range(start, plan.total_steps):
+      epoch = step // plan.steps_per_epoch
+      if epoch != perm_epoch:
+        perm_epoch, perm = epoch, parallel.replicate(epoch_permutation(config.seed, epoch, len(train_x)))
+      state, metrics = p_train_step(state, dataset, perm, shards, aug_rng)
+      if loop.pending:
+        # Let the host run at most one step ahead of the devices: the queue stays full, and SIGTERM
+        # (whose handler runs only between Python bytecodes) is acted on within a step or two
+        # instead of after every step dispatched up to the next log line.
+        jax.block_until_ready(loop.pending[-1][1])
+      loop.pending.append((step + 1, metrics))
+      done = step + 1
+      last = done == plan.total_steps
+      if done % config.train.log_every_steps == 0 or last:
+        loop.log_train(done)
+      if done % eval_every == 0 or last:
+        t0 = time.perf_counter()
+        scalars = evaluate_all(p_eval_step, state, eval_sets, config.eval.batch_size, weights)
+        loop.log_eval(done, scalars, time.perf_counter() - t0)
+      if (ckpt_every > 0 and done % ckpt_every == 0) or last:
+        loop.save(done, state)
+      if stop.reached(done) and not last:
+        if loop.saved_step != done:
           loop.save(done, state)
-        if stop.reached(done) and not last:
-          if loop.saved_step != done:
-            loop.save(done, state)
-          raise Preempted(f"stopped by SIGTERM after step {done} of {plan.total_steps}; checkpoint saved "
-                          f"in {checkpoints.checkpoint_dir(workdir)}; run the same command to resume")
+        raise Preempted(f"stopped by SIGTERM after step {done} of {plan.total_steps}; checkpoint saved "
+                        f"in {checkpoints.checkpoint_dir(workdir)}; run the same command to resume")
     loop.write_final(workdir, plan.total_steps)
   finally:
     writer.flush()
@@ -415,7 +415,7 @@ class _Loop:
   def write_final(self, workdir: str, step: int) -> None:
     """Writes the newest train and eval scalars to ``workdir/final_metrics.json`` (process 0)."""
     if jax.process_index() == 0 and self.latest:
-      path = os.path.join(workdir, FINAL_METRICS_FILE)
+      path = os.path.join(workdir, rundir.FINAL_METRICS_FILE)
       with open(path + ".tmp", "w") as f:
         json.dump({"step": step, **self.latest}, f, indent=2, sort_keys=True)
       os.replace(path + ".tmp", path)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from msdfuse_jax.evaluation import anytime, budget, report
-from msdfuse_jax.tools import plot
+from msdfuse_jax.tools import plot_main as plot
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_REFERENCE = REPO / "experiments" / "reference_points_example.json"
@@ -136,7 +136,8 @@ def test_write_anytime(tmp_path):
   paths = report.write_anytime(tmp_path / "eval", rows)
   assert set(paths) == {"json", "csv", "png"}
   data = json.loads(paths["json"].read_text())  # strict JSON: NaN was written as null
-  assert [set(r) for r in data] == [set(report.ANYTIME_COLUMNS)] * 3
+  # The columns, plus the split (model, dataset and step are left out when not given).
+  assert [set(r) for r in data] == [set(report.ANYTIME_COLUMNS) | {"split"}] * 3
   assert data[0]["xla_flops"] is None
   with open(paths["csv"]) as f:
     table = list(csv.DictReader(f))
@@ -153,7 +154,7 @@ def test_write_budgeted(tmp_path):
   data = json.loads(paths["json"].read_text())
   assert len(data) == 39
   assert set(data[0]) == {"p", "thresholds", "accuracy", "expected_cost", "exit_counts",
-                          "exit_fractions"}
+                          "exit_fractions", "split", "threshold_split"}
   with open(paths["csv"]) as f:
     table = list(csv.DictReader(f))
   assert list(table[0]) == report.budgeted_columns(4)
@@ -204,7 +205,81 @@ def test_plot_module_entry_point(tmp_path):
   out = tmp_path / "cli.png"
   env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
              MPLBACKEND="Agg")
-  result = subprocess.run([sys.executable, "-m", "msdfuse_jax.tools.plot", str(tmp_path / "run"),
+  result = subprocess.run([sys.executable, "-m", "msdfuse_jax.tools.plot_main", str(tmp_path / "run"),
                            "--out", str(out)], capture_output=True, text=True, env=env, timeout=60)
   assert result.returncode == 0, result.stderr
   assert _is_png(out)
+
+
+META = dict(model="msdfuse", dataset="cifar100", step=1234)
+
+
+def _legend_texts(ax) -> list[str]:
+  return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def _holds_points(ax, xs, ys) -> bool:
+  """Whether one line or collection of `ax` has exactly the points (xs, ys)."""
+  want = np.column_stack([xs, ys])
+  data = [line.get_xydata() for line in ax.lines] + [c.get_offsets() for c in ax.collections]
+  return any(np.shape(d) == want.shape and np.allclose(d, want) for d in data)
+
+
+def test_anytime_figure_says_what_it_shows():
+  probs, labels = _fake_probs(7)
+  rows = anytime.anytime_rows(probs, labels, _costs(3))
+  title = report.anytime_figure(rows, **META).axes[0].get_title()
+  assert all(s in title for s in ("Anytime", "msdfuse", "cifar100", "step 1234", "test"))
+  # Without them (other callers), the title still names the figure and the split.
+  bare = report.anytime_figure(rows).axes[0].get_title()
+  assert "Anytime" in bare and "test" in bare and "step" not in bare
+
+
+def test_budgeted_figure_says_what_it_shows_and_holds_the_anytime_points():
+  probs, labels = _fake_probs(8)
+  rows = anytime.anytime_rows(probs, labels, _costs(3))
+  points = budget.dynamic_evaluation(probs, labels, probs, labels, [r["op_counter"] for r in rows])
+  (ax,) = report.budgeted_figure(points, rows, **META).axes
+  title = ax.get_title()
+  assert all(s in title for s in ("Budgeted", "msdfuse", "cifar100", "step 1234", "test", "val"))
+  assert any("anytime" in t for t in _legend_texts(ax))
+  assert _holds_points(ax, [r["op_counter"] / report.COST_UNIT for r in rows], [r["top1"] for r in rows])
+  assert _holds_points(ax, [p["expected_cost"] / report.COST_UNIT for p in points],
+                       [p["accuracy"] for p in points])
+  (bare,) = report.budgeted_figure(points).axes  # no anytime rows: the curve alone
+  assert len(bare.lines) == 1
+
+
+def test_writers_add_what_was_evaluated_as_new_json_keys(tmp_path):
+  probs, labels = _fake_probs(9)
+  rows = anytime.anytime_rows(probs, labels, _costs(3))
+  points = budget.dynamic_evaluation(probs, labels, probs, labels, [r["op_counter"] for r in rows])
+  any_paths = report.write_anytime(tmp_path, rows, **META)
+  bud_paths = report.write_budgeted(tmp_path, points, rows, **META)
+  data = json.loads(any_paths["json"].read_text())
+  for row, written in zip(rows, data):
+    assert written == {**row, **META, "split": "test"}  # the old keys unchanged
+  data = json.loads(bud_paths["json"].read_text())
+  assert data[0]["p"] == 1 and data[0]["accuracy"] == points[0]["accuracy"]
+  assert {k: data[5][k] for k in ("model", "dataset", "step", "split", "threshold_split")} == \
+      {**META, "split": "test", "threshold_split": "val"}
+  with open(any_paths["csv"]) as f:
+    assert list(next(csv.DictReader(f))) == list(report.ANYTIME_COLUMNS)  # the CSV keeps its columns
+  assert _is_png(any_paths["png"]) and _is_png(bud_paths["png"])
+
+
+def test_runs_figure_labels_runs_and_overlays_their_exits(tmp_path):
+  probs, labels = _fake_probs(10)
+  rows = anytime.anytime_rows(probs, labels, _costs(3))
+  points = budget.dynamic_evaluation(probs, labels, probs, labels, [r["op_counter"] for r in rows])
+  report.write_anytime(tmp_path / "new" / "eval", rows, **META)
+  report.write_budgeted(tmp_path / "new" / "eval", points, rows, **META)
+  _write_run(tmp_path / "old", 11, model="msdnet_anytime7")  # an eval dir from before the new keys
+  ax_any, ax_bud = report.runs_figure([tmp_path / "new", tmp_path / "old"]).axes
+  for ax in (ax_any, ax_bud):
+    assert _legend_texts(ax)[:2] == ["msdfuse / cifar100 / step 1234", "msdnet_anytime7"]
+  assert "single exits (anytime)" in _legend_texts(ax_bud)
+  assert "test" in ax_any.get_title() and "val" in ax_bud.get_title()
+  old_rows = json.loads((tmp_path / "old" / "eval" / "anytime.json").read_text())
+  for r in (rows, old_rows):
+    assert _holds_points(ax_bud, [x["op_counter"] / report.COST_UNIT for x in r], [x["top1"] for x in r])

@@ -1,7 +1,7 @@
 """Tests for the baselines: RANet (msdfuse_jax.models.ranet), ResNet^MC and DenseNet^MC.
 
 RANet's per-exit costs and parameter counts are compared, every integer, with those of RANet-pytorch's own
-op counter (/work/shared/reference/model_counts.json). ResNet^MC and DenseNet^MC have no reference code; their
+op counter (../shared/reference/model_counts.json). ResNet^MC and DenseNet^MC have no reference code; their
 costs are compared with the MSDNet paper's published curves within stated tolerances.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +18,8 @@ import pytest
 
 from msdfuse_jax import costs
 from msdfuse_jax.models import build_model, layers, ranet
+from tests.conftest import shared_file
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "model_counts.json"
 RANET_REFERENCE = {"ranet_cifar": "ranet_train_cifar_sh", "ranet_readme": "ranet_readme_lg"}
 DATASETS = {"cifar10": 10, "cifar100": 100}
 # Points read off the MSDNet paper's anytime-prediction figures (units of 1e8 ops).
@@ -105,7 +104,7 @@ def test_bilinear_resize_costs_nothing():
 @pytest.mark.parametrize("dataset", list(DATASETS))
 @pytest.mark.parametrize("name", list(RANET_REFERENCE))
 def test_ranet_costs_match_reference_exactly(name, dataset):
-  ref = json.loads(REFERENCE.read_text())[f"{RANET_REFERENCE[name]}/{dataset}"]
+  ref = json.loads(shared_file("reference", "model_counts.json").read_text())[f"{RANET_REFERENCE[name]}/{dataset}"]
   got = _costs(name, DATASETS[dataset])
   assert len(got) == ref["n_exits"]
   assert [c.op_counter for c in got] == [int(v) for v in ref["op_counter_flops"]]

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
-from msdfuse_jax.tools import bench
+import pytest
+
+from msdfuse_jax.tools import bench_main as bench
 from tests.conftest import REPO
 
 # The suite's compilation cache (tests/conftest.py), so that a second run skips the compile.
@@ -14,10 +16,11 @@ CACHE = os.environ.get("MSDFUSE_JAX_CACHE", str(REPO / ".jax_cache"))
 KEYS = {"train_images_per_s", "eval_images_per_s", "compile_s", "peak_memory_mb"}
 
 
+@pytest.mark.slow
 def test_bench_cli_prints_and_writes_the_figures(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
-      [sys.executable, "-m", "msdfuse_jax.tools.bench",
+      [sys.executable, "-m", "msdfuse_jax.tools.bench_main",
        f"--config={REPO}/configs/cifar.py:dataset=cifar100,model=msdnet_tiny", "--batch_size=8",
        "--eval_batch_size=16", "--steps=2", "--eval_steps=1", "--compilation_cache", f"--json={out}"],
       capture_output=True, text=True, cwd=tmp_path, timeout=600,
@@ -34,8 +37,8 @@ def test_report_format_names_every_figure():
   report = dict(model="m", dataset="cifar10", dtype="float32", devices=1, backend="cpu", batch_size=64,
                 eval_batch_size=256, train_images_per_s=130.0, train_step_s=0.49, compile_s=30.0,
                 eval_images_per_s=400.0, eval_step_s=0.64, eval_compile_s=4.0, peak_memory_mb=2000.0,
-                peak_memory_source="process peak RSS", train_cpu_s_per_step=0.9, eval_cpu_s_per_step=1.2,
-                load_average=0.5, cpu_count=2, xla_flags="")
+                peak_memory_source="process peak RSS", rss_before_mb=700.0, train_cpu_s_per_step=0.9,
+                eval_cpu_s_per_step=1.2, load_average=0.5, cpu_count=2, xla_flags="")
   text = bench.format_report(report)
   for figure in ("130.0 images/s", "400.0 images/s", "compile 30.0 s", "2000 MB"):
     assert figure in text

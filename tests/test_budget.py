@@ -240,3 +240,22 @@ def test_input_validation():
     budget.dynamic_evaluation(np.full_like(val, np.nan), labels, val, labels, costs)
   with pytest.raises(ValueError, match="thresholds"):
     budget.apply_thresholds(val, [0.5, -1e8])
+
+
+def test_missing_prior_table_is_an_error_not_a_recomputation(monkeypatch, tmp_path):
+  missing = tmp_path / "torch_prior.npy"
+  monkeypatch.setattr(budget, "_TORCH_PRIOR_FILE", str(missing))
+  budget._torch_prior_table.cache_clear()  # pylint: disable=protected-access
+  try:
+    with pytest.raises(FileNotFoundError, match="torch_prior.npy not found") as info:
+      budget.exit_prior(5, 11)
+    message = str(info.value)
+    assert str(missing) in message and "install is incomplete" in message
+    assert "experiments/make_torch_prior_table.py" in message
+    # Every entry point that needs the prior fails the same way (nothing falls back silently).
+    probs = _random_probs(np.random.default_rng(0), 3, 8, 5, ties=False)
+    with pytest.raises(FileNotFoundError, match="install is incomplete"):
+      budget.fit_thresholds(probs, 5)
+  finally:
+    # The next caller reads the real table again (monkeypatch restores the path after this test).
+    budget._torch_prior_table.cache_clear()  # pylint: disable=protected-access

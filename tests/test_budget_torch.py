@@ -1,78 +1,94 @@
-"""The budgeted algorithm against a literal torch transcription of the reference (needs torch)."""
+"""The budgeted algorithm against a literal torch transcription of the reference.
 
-import math
+The transcription (`reference_dynamic_evaluation`) and its random cases live in
+experiments/make_budget_torch_fixture.py, which also stores torch's outputs on those cases in
+``tests/fixtures/budget_torch.npz``. `test_matches_stored_torch_outputs` compares `budget` with that fixture
+and needs no torch (it runs in CI); the live tests run the transcription itself when torch is installed and
+check that the fixture is what it produces today.
+"""
+
+import pathlib
+import sys
 
 import numpy as np
 import pytest
 
 from msdfuse_jax.evaluation import budget
+from tests.conftest import REPO
 
-torch = pytest.importorskip("torch")
+sys.path.insert(0, str(REPO / "experiments"))
+import make_budget_torch_fixture as torch_ref  # noqa: E402  pylint: disable=wrong-import-position
 
-
-def reference_dynamic_evaluation(val_probs, val_labels, test_probs, test_labels, costs):
-  """The reference's steps, one sample at a time, on torch float32 tensors (SPEC.md section 8)."""
-  val_probs, test_probs = torch.from_numpy(val_probs), torch.from_numpy(test_probs)
-  n_stage, n_val, _ = val_probs.size()
-  n_test = test_probs.size(1)
-  points = []
-  for p in range(1, 40):
-    q = torch.FloatTensor(1).fill_(p * 1.0 / 20)
-    prior = torch.exp(torch.log(q) * torch.arange(1, n_stage + 1, dtype=torch.float32))
-    prior /= prior.sum()
-    max_preds, _ = val_probs.max(dim=2)
-    _, sorted_idx = max_preds.sort(dim=1, descending=True)
-    filtered = torch.zeros(n_val)
-    thresholds = torch.Tensor(n_stage).fill_(1e8)
-    for k in range(n_stage - 1):
-      count, out_n = 0, math.floor(n_val * prior[k])
-      for i in range(n_val):
-        idx = sorted_idx[k][i]
-        if filtered[idx] == 0:
-          count += 1
-          if count == out_n:
-            thresholds[k] = max_preds[k][idx]
-            break
-      filtered.add_(max_preds[k].ge(thresholds[k]).type_as(filtered))
-    thresholds[n_stage - 1] = -1e8
-    test_max, test_arg = test_probs.max(dim=2)
-    correct, counts = 0, [0] * n_stage
-    for i in range(n_test):
-      for k in range(n_stage):
-        if test_max[k][i].item() >= thresholds[k]:
-          correct += int(test_arg[k][i].item()) == int(test_labels[i])
-          counts[k] += 1
-          break
-    expected = sum(counts[k] / n_test * costs[k] for k in range(n_stage))
-    points.append((thresholds.numpy(), correct * 100.0 / n_test, expected, counts))
-  return points
+FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "budget_torch.npz"
+CASE_IDS = [f"K{k}-Nval{nv}-Ntest{nt}-C{c}-seed{s}" for k, nv, nt, c, s in torch_ref.CASES]
 
 
-def _probs(rng, k, n, c, sharp):
-  logits = rng.normal(size=(k, n, c)) * np.linspace(1, sharp, k)[:, None, None]
-  e = np.exp(logits - logits.max(-1, keepdims=True))
-  return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+def _assert_points_equal(ours, thresholds, accuracy, exit_counts, expected_cost):
+  """`budget.dynamic_evaluation`'s points against torch's per-p outputs, to the reference's precision."""
+  assert len(ours) == len(thresholds) == budget.NUM_BUDGET_POINTS
+  for i, point in enumerate(ours):
+    assert point["p"] == i + 1
+    np.testing.assert_array_equal(np.asarray(point["thresholds"], np.float32), thresholds[i],
+                                  err_msg=f"p={point['p']}")
+    assert point["accuracy"] == accuracy[i], point["p"]
+    assert point["exit_counts"] == list(exit_counts[i]), point["p"]
+    assert point["expected_cost"] == pytest.approx(expected_cost[i], rel=1e-6), point["p"]
 
 
-@pytest.mark.parametrize("k,n_val,n_test,c,seed", [(7, 500, 300, 10, 0), (5, 517, 1017, 100, 1),
-                                                    (11, 500, 200, 10, 2), (3, 21, 40, 4, 3)])
-def test_matches_reference_number_for_number(k, n_val, n_test, c, seed):
-  rng = np.random.default_rng(seed)
-  val, test = _probs(rng, k, n_val, c, 4.0), _probs(rng, k, n_test, c, 4.0)
-  val_labels, test_labels = rng.integers(0, c, n_val), rng.integers(0, c, n_test)
-  costs = list(np.cumsum(rng.uniform(1e6, 1e7, k)))
-  ours = budget.dynamic_evaluation(val, val_labels, test, test_labels, costs)
-  ref = reference_dynamic_evaluation(val, val_labels, test, test_labels, costs)
-  for point, (thresholds, accuracy, expected, counts) in zip(ours, ref):
-    np.testing.assert_array_equal(np.asarray(point["thresholds"], np.float32), thresholds)
-    assert point["accuracy"] == accuracy
-    assert point["exit_counts"] == counts
-    assert point["expected_cost"] == pytest.approx(expected, rel=1e-6)
+def _load_case(index):
+  if not FIXTURE.exists():
+    pytest.skip(f"{FIXTURE} not found: regenerate it with `python experiments/make_budget_torch_fixture.py` "
+                "(needs torch)")
+  prefix = f"case{index}/"
+  with np.load(FIXTURE) as data:
+    case = {key[len(prefix):]: data[key] for key in data.files if key.startswith(prefix)}
+  assert tuple(case.get("params", ())) == torch_ref.CASES[index], (
+      f"{FIXTURE} does not hold case {index} of CASES: regenerate it with "
+      "`python experiments/make_budget_torch_fixture.py`")
+  return case
+
+
+@pytest.mark.parametrize("index", range(len(torch_ref.CASES)), ids=CASE_IDS)
+def test_matches_stored_torch_outputs(index):
+  case = _load_case(index)
+  c = int(case["params"][3])
+  probs = {}
+  for split in ("val", "test"):
+    probs[split] = torch_ref.probs_from_confidences(case[f"{split}_conf"], case[f"{split}_pred"], c)
+    # The rebuilt probabilities read as the stored inputs (max and argmax are all the reference uses).
+    np.testing.assert_array_equal(probs[split].max(axis=2), case[f"{split}_conf"])
+    np.testing.assert_array_equal(probs[split].argmax(axis=2), case[f"{split}_pred"])
+  ours = budget.dynamic_evaluation(probs["val"], case["val_labels"].astype(np.int64), probs["test"],
+                                   case["test_labels"].astype(np.int64), case["costs"])
+  _assert_points_equal(ours, case["thresholds"], case["accuracy"], case["exit_counts"],
+                       case["expected_cost"])
+
+
+@pytest.mark.parametrize("index", range(len(torch_ref.CASES)), ids=CASE_IDS)
+def test_matches_reference_number_for_number(index):
+  pytest.importorskip("torch")
+  case = torch_ref.make_case(*torch_ref.CASES[index])
+  ours = budget.dynamic_evaluation(**case)
+  ref = torch_ref.reference_dynamic_evaluation(**case)
+  thresholds, accuracy, expected, counts = (list(column) for column in zip(*ref))
+  _assert_points_equal(ours, thresholds, accuracy, counts, expected)
+  if FIXTURE.exists():
+    # The stored fixture must be what the transcription produces today; if not (the comparison above
+    # passing), CASES, make_case or the transcription changed since it was written.
+    stored = _load_case(index)
+    stale = f"{FIXTURE} is stale: regenerate it with `python experiments/make_budget_torch_fixture.py`"
+    for key, value in (("val_conf", case["val_probs"].max(axis=2)),
+                       ("test_conf", case["test_probs"].max(axis=2)),
+                       ("test_pred", case["test_probs"].argmax(axis=2)), ("test_labels", case["test_labels"]),
+                       ("thresholds", np.stack(thresholds)), ("accuracy", accuracy), ("exit_counts", counts)):
+      np.testing.assert_array_equal(stored[key], value, err_msg=f"{key}: {stale}")
+    np.testing.assert_allclose(stored["expected_cost"], expected, rtol=1e-12, err_msg=stale)
 
 
 def test_prior_table_is_torchs():
+  torch = pytest.importorskip("torch")
   for k in (1, 5, 7, 10, 24):
-    for p in range(1, 40):
+    for p in range(1, budget.NUM_BUDGET_POINTS + 1):
       q = torch.FloatTensor(1).fill_(p / 20)
       prior = torch.exp(torch.log(q) * torch.arange(1, k + 1, dtype=torch.float32))
       prior /= prior.sum()

@@ -1,18 +1,109 @@
-"""configs/cifar.py: presets, runlocal, overrides, errors."""
+"""configs/cifar.py: presets, runlocal, overrides through the real flag parser, errors."""
 
+import subprocess
+import sys
+
+import ml_collections
 import pytest
+from absl import flags
 
 from configs import cifar
-from msdfuse_jax import models, run_config
+from msdfuse_jax import models, rundir
+from msdfuse_jax.tools import flags_util
+from tests.conftest import REPO
+
+CONFIG_FILE = str(REPO / "configs" / "cifar.py")
 
 
-@pytest.mark.parametrize("name", [n for n in models.preset_names() if not n.endswith("_tiny")])
-def test_every_preset_builds_from_its_config(name):
+@pytest.mark.parametrize("name", models.preset_names())
+def test_every_preset_builds_from_its_config_with_every_hyper_parameter(name):
   config = cifar.get_config(f"dataset=cifar100,model={name}")
-  model = run_config.build_model(config)
+  model = models.from_config(config)
   assert model.num_classes == 100
-  assert config.train.num_epochs == 300 and config.train.batch_size == 512
-  assert config.optim.learning_rate == 0.1 and config.optim.warmup_epochs == 20
+  # The config spells out every hyper-parameter of the preset, so that each one can be overridden.
+  fields = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "dtype")}
+  assert fields == models.preset_hparams(name)
+  assert all(getattr(model, k) == v for k, v in fields.items())
+
+
+def parse_command_line(*overrides: str, arg: str = "dataset=cifar10,model=msdnet_tiny"):
+  """Parses ``--config=configs/cifar.py:ARG OVERRIDES...`` with the tools' own flag definition."""
+  argv = ["msdfuse-train", f"--config={CONFIG_FILE}:{arg}", *overrides]
+  values = flags.FlagValues()
+  flags_util.define_config_flag(values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def _changed(value, field_type):
+  """Another value of the field's type, as a command-line string, and the value it must parse to."""
+  if field_type is bool or isinstance(value, bool):
+    return str(not value), not value
+  if field_type is int or isinstance(value, int):
+    return str(value + 1), value + 1
+  if field_type is float or isinstance(value, float):
+    return repr(value / 2 + 0.25), value / 2 + 0.25
+  if field_type is tuple or isinstance(value, tuple):
+    new = tuple(value or (1,)) + (2,)
+    return repr(new), new
+  if field_type is str or isinstance(value, str):
+    return "something_else", "something_else"
+  raise AssertionError(f"no override written for {value!r} of type {field_type}")
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value, config.get_type(key)
+
+
+@pytest.mark.parametrize("name", models.preset_names())
+def test_every_field_of_every_preset_is_overridden_by_the_flag_parser(name):
+  config = cifar.get_config(f"dataset=cifar10,model={name}")
+  expected, overrides = {}, []
+  for path, value, field_type in _leaves(config):
+    text, new = _changed(value, field_type)
+    overrides.append(f"--config.{path}={text}")
+    expected[path] = new
+  parsed = parse_command_line(*overrides, arg=f"dataset=cifar10,model={name}")
+  for path, new in expected.items():
+    got = parsed
+    for key in path.split("."):
+      got = got[key]
+    assert got == new, (path, got, new)
+
+
+def test_list_valued_model_fields_take_tuples_and_lists_from_the_command_line():
+  assert parse_command_line("--config.model.bn_factor=(1,2,2)").model.bn_factor == (1, 2, 2)
+  assert parse_command_line("--config.model.gr_factor=[1,2,4]").model.gr_factor == (1, 2, 4)
+  config = parse_command_line("--config.optim.exit_weights=(1,1,2)")
+  assert tuple(config.optim.exit_weights) == (1, 1, 2)
+
+
+def test_an_unknown_field_is_described_with_the_valid_fields_of_its_sub_dict():
+  argv = ["prog", f"--config={CONFIG_FILE}:model=msdnet_tiny", "--config.train.no_such_field=1"]
+  message = flags_util.describe_override_error(argv)
+  assert "config.train.no_such_field" in message and "valid fields of config.train:" in message
+  assert "batch_size" in message and "num_steps" in message
+  argv[-1] = "--config.nosub.x=1"
+  assert "valid fields of config:" in flags_util.describe_override_error(argv)
+  argv[-1] = "--config.train.batch_size.x=1"
+  assert "config.train.batch_size is a int" in flags_util.describe_override_error(argv)
+
+
+@pytest.mark.parametrize("tool", ["train_main", "costs_main"])
+def test_tools_report_an_unknown_field_in_one_line(tool, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", f"msdfuse_jax.tools.{tool}",
+                         f"--config={CONFIG_FILE}:dataset=cifar10,model=msdnet_tiny",
+                         "--config.no_such_field=1", f"--workdir={tmp_path}"],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines[-1].startswith("error: unknown config field config.no_such_field; valid fields of config:")
+  assert "Traceback" not in proc.stderr
 
 
 def test_runlocal_picks_the_tiny_variant_and_few_steps():
@@ -27,10 +118,10 @@ def test_model_fields_are_overridable():
   config = cifar.get_config("dataset=cifar10,model=msdnet_anytime7")
   config.model.growth_rate = 8
   config.model.stem = "efficient"
-  model = run_config.build_model(config)
+  model = models.from_config(config)
   assert (model.growth_rate, model.stem) == (8, "efficient")
   config.model.dtype = "bfloat16"
-  assert run_config.build_model(config).dtype.__name__ == "bfloat16"
+  assert models.from_config(config).dtype.__name__ == "bfloat16"
 
 
 def test_bad_arguments():
@@ -38,21 +129,21 @@ def test_bad_arguments():
     cifar.get_config("dataset=cifar10,modle=msdfuse")
   config = cifar.get_config("dataset=svhn,model=msdfuse")
   with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
-    run_config.build_model(config)
+    models.from_config(config)
   config = cifar.get_config("model=nope")
   with pytest.raises(ValueError, match="unknown model 'nope'"):
-    run_config.build_model(config)
+    models.from_config(config)
   config = cifar.get_config("model=msdfuse")
   config.model.dtype = "int8"
   with pytest.raises(ValueError, match="dtype"):
-    run_config.build_model(config)
+    models.from_config(config)
 
 
 def test_saved_config_round_trips(tmp_path):
   config = cifar.get_config("dataset=cifar100,model=msdfuse")
-  run_config.save_config(str(tmp_path), config)
-  loaded = run_config.load_config(str(tmp_path))
+  rundir.save_config(str(tmp_path), config)
+  loaded = rundir.load_config(str(tmp_path))
   assert loaded.model.to_dict() == config.model.to_dict()
-  assert run_config.build_model(loaded).num_exits == 8
+  assert models.from_config(loaded).num_exits == 8
   with pytest.raises(FileNotFoundError, match="not a run directory"):
-    run_config.load_config(str(tmp_path / "missing"))
+    rundir.load_config(str(tmp_path / "missing"))

@@ -104,7 +104,7 @@ def test_xla_flops_cover_every_head_up_to_the_exit():
 def test_costs_cli_writes_json(tmp_path):
   out = tmp_path / "costs.json"
   proc = subprocess.run(
-      [sys.executable, "-m", "msdfuse_jax.tools.costs",
+      [sys.executable, "-m", "msdfuse_jax.tools.costs_main",
        f"--config={REPO}/configs/cifar.py:dataset=cifar100,model=msdnet_tiny", "--noxla",
        f"--json={out}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -118,9 +118,48 @@ def test_costs_cli_writes_json(tmp_path):
 
 def test_costs_cli_unknown_model_is_one_line(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "msdfuse_jax.tools.costs",
+      [sys.executable, "-m", "msdfuse_jax.tools.costs_main",
        f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=nope"],
       capture_output=True, text=True, cwd=tmp_path, timeout=300)
   assert proc.returncode != 0
   assert "unknown model 'nope'" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def _cost_tables() -> dict:
+  import importlib.resources  # the file ships with the package (setup.cfg package_data)
+  return json.loads((importlib.resources.files("msdfuse_jax.models") / "cost_tables.json").read_text())
+
+
+# The tables quoted by the model docstrings; a "preset,field=value" entry overrides a string field.
+# Written by experiments/make_cost_tables.py. A jaxpr walk takes 4-30 s on a busy 2-core CPU, so only
+# a few entries run by default (the MSDNet presets are also pinned by the reference test above).
+_COST_TABLES = ("msdfuse", "msdnet_anytime7", "msdnet_budget5", "ranet_cifar", "ranet_readme", "resnet_mc",
+                "resnet_mc,head=pool", "densenet_mc", "densenet_mc,head=pool")
+_FAST_TABLES = (("msdfuse", "cifar100"), ("resnet_mc", "cifar10"), ("resnet_mc,head=pool", "cifar100"))
+
+
+def _table_model(entry: str, num_classes: int):
+  name, *overrides = entry.split(",")
+  return models.build_model(name, num_classes, **dict(o.split("=", 1) for o in overrides))
+
+
+def test_cost_tables_cover_every_documented_model():
+  tables = _cost_tables()
+  assert sorted(tables) == sorted(_COST_TABLES)
+  for entry, per_dataset in tables.items():
+    assert sorted(per_dataset) == ["cifar10", "cifar100"], entry
+    for dataset, rows in per_dataset.items():
+      model = _table_model(entry, 10 if dataset == "cifar10" else 100)
+      assert [r["exit"] for r in rows] == list(range(1, model.num_exits + 1)), (entry, dataset)
+      assert all(set(r) == {"exit", "op_counter", "macs", "params"} for r in rows), (entry, dataset)
+
+
+@pytest.mark.parametrize("entry,dataset", [
+    pytest.param(e, d, marks=() if (e, d) in _FAST_TABLES else pytest.mark.slow)
+    for e in _COST_TABLES for d in ("cifar10", "cifar100")])
+def test_cost_tables_match_the_code(entry, dataset):
+  got = costs.exit_costs(_table_model(entry, 10 if dataset == "cifar10" else 100), with_xla=False)
+  want = _cost_tables()[entry][dataset]
+  assert [{"exit": c.exit, "op_counter": c.op_counter, "macs": c.macs, "params": c.params}
+          for c in got] == want

@@ -1,12 +1,15 @@
 """Real early-exit inference equals the simulated budgeted evaluation, exactly."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msdfuse_jax import inference, models
-from msdfuse_jax.evaluation import budget, predict
+from msdfuse_jax import costs, inference, models
+from msdfuse_jax.evaluation import budget, evaluate, predict
+from tests import test_evaluate as evaluate_tests
 
 MEAN, STD = np.array([0.5, 0.5, 0.5], np.float32), np.array([0.25, 0.25, 0.25], np.float32)
 
@@ -41,7 +44,8 @@ def test_early_exit_equals_simulation(setup, p):
   result = runner.run(test, thresholds)
   np.testing.assert_array_equal(result.exits, sim_exits + 1)
   np.testing.assert_array_equal(result.predictions, sim_preds)
-  assert result.images_per_second > 0
+  assert result.seconds > 0
+  assert result.images_per_second == pytest.approx(len(test) / result.seconds, rel=1e-12)
 
 
 def test_later_stages_see_only_survivors(setup):
@@ -70,3 +74,57 @@ def test_wrong_number_of_thresholds(setup):
   _, runner, test, _, _ = setup
   with pytest.raises(ValueError, match="3 thresholds"):
     runner.run(test, [0.5, -1e8])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """The tiny trained run of tests/test_evaluate.py (trained once per session, shared by both)."""
+  return evaluate_tests.tiny_run_dir(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_run_inference_matches_simulation(run_dir):
+  # The simulation, recomputed here from full forward passes (with run_inference's batch size).
+  config, model, variables, _, data = evaluate.load_run(str(run_dir))
+  mean, std = np.asarray(data.mean), np.asarray(data.std)
+  fn = predict.make_predict_fn(model, mean, std)
+  val_probs = predict.predict_probs(model, variables, data.val_images, mean, std, 64, predict_fn=fn)
+  test_probs = predict.predict_probs(model, variables, data.test_images, mean, std, 64, predict_fn=fn)
+  cost_model = models.from_config(config, dtype="float32")
+  exit_costs = np.array([c.op_counter for c in costs.exit_costs(cost_model, with_xla=False)], np.float64)
+
+  out = inference.run_inference(str(run_dir), p=8, cost_budget=None, batch_size=64, repeats=1)
+  n = len(data.test_images)
+  assert out["num_images"] == n == 1017 and out["p"] == 8
+  thresholds = budget.fit_thresholds(val_probs, 8)
+  assert out["thresholds"] == [float(t) for t in thresholds]
+  sim_exits, sim_preds = budget.apply_thresholds(test_probs, thresholds)
+  assert out["matches_simulation"] is True
+  assert out["exit_counts"] == np.bincount(sim_exits, minlength=model.num_exits).tolist()
+  assert sum(out["exit_counts"]) == n
+  assert out["accuracy"] == pytest.approx(100.0 * np.mean(sim_preds == data.test_labels), rel=1e-12)
+  # The expected cost is the exit fractions dotted with the per-exit costs; p = 8 mixes exits, so it lies
+  # strictly between exit 1's cost and the whole network's.
+  assert out["full_cost"] == exit_costs[-1]
+  fractions = np.asarray(out["exit_counts"]) / n
+  assert out["expected_cost"] == pytest.approx(float(fractions @ exit_costs), rel=1e-12)
+  assert np.count_nonzero(out["exit_counts"]) > 1
+  assert exit_costs[0] < out["expected_cost"] < exit_costs[-1]
+  # The reported rates are finite and agree with the reported speedups (all from the same timings).
+  rates = [out[f"{name}_images_per_s"] for name in ("early_exit", "full_network", "last_exit")]
+  assert all(0 < r < math.inf for r in rates)
+  early, full, last = rates
+  assert out["speedup_vs_full"] == pytest.approx(early / full, rel=1e-9)
+  assert out["speedup_vs_last_exit"] == pytest.approx(early / last, rel=1e-9)
+  assert out["predicted_speedup"] == pytest.approx(out["full_cost"] / out["expected_cost"], rel=1e-12)
+  assert out["realised_over_predicted"] == pytest.approx(out["speedup_vs_full"] / out["predicted_speedup"],
+                                                         rel=1e-12)
+
+  # By cost budget: the p the validation curve allows, then the same simulation check.
+  cost_budget = float(exit_costs[-1]) * 0.9
+  by_budget = inference.run_inference(str(run_dir), p=None, cost_budget=cost_budget, batch_size=64,
+                                      repeats=1)
+  assert by_budget["p"] == budget.thresholds_for_budget(val_probs, exit_costs, cost_budget)
+  assert by_budget["matches_simulation"] is True
+  sim_exits, _ = budget.apply_thresholds(test_probs, budget.fit_thresholds(val_probs, by_budget["p"]))
+  assert by_budget["exit_counts"] == np.bincount(sim_exits, minlength=model.num_exits).tolist()

@@ -1,4 +1,4 @@
-"""Tests for msdfuse_jax.input_pipeline (msdfuse_jax/data/*).
+"""Tests for msdfuse_jax.data (sources, cifar, augment).
 
 Hermetic: real CIFAR subsets from ../shared/data (official archive formats),
 TFDS prepared offline into a temporary data_dir, nothing downloaded.
@@ -22,12 +22,11 @@ import pytest
 # Imported up front so the "fails fast" timings below exclude TF's import.
 import tensorflow_datasets as tfds
 
-from msdfuse_jax import input_pipeline as ip
+from msdfuse_jax import rundir
+from msdfuse_jax.data import augment, cifar, sources
+from tests.conftest import SHARED
 
-SHARED_DATA = os.environ.get(
-    "MSDFUSE_SHARED_DATA",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                 "shared", "data"))
+SHARED_DATA = str(SHARED / "data")
 C10_PY = os.path.join(SHARED_DATA, "cifar-10-python-subset.tar.gz")
 C100_PY = os.path.join(SHARED_DATA, "cifar-100-python-subset.tar.gz")
 C10_BIN = os.path.join(SHARED_DATA, "cifar-10-binary-subset.tar.gz")
@@ -48,8 +47,7 @@ def data_cfg(**kw):
 
 
 def aug_cfg(**kw):
-  cfg = dict(crop_padding=4, flip=True, mixup_alpha=0.8, cutmix_alpha=1.0,
-             switch_prob=0.5, mix_prob=1.0, label_smoothing=0.1)
+  cfg = dict(augment.DEFAULTS)
   cfg.update(kw)
   return ml_collections.ConfigDict(cfg)
 
@@ -65,7 +63,7 @@ def assert_same_data(a, b):
 def c10_archive():
   if not os.path.isfile(C10_PY):
     pytest.skip(f"CIFAR subsets not in {SHARED_DATA}")
-  return ip.load_cifar("cifar10", data_cfg(path=C10_PY))
+  return cifar.load_cifar("cifar10", data_cfg(path=C10_PY))
 
 
 # --------------------------------------------------------------------------
@@ -89,7 +87,7 @@ def test_archive_cifar10_split_and_contents(c10_archive):
   np.testing.assert_array_equal(
       d.val_indices, np.random.default_rng(0).permutation(C10_TRAIN)[:n_val])
 
-  full = ip.load_cifar("cifar10", data_cfg(path=C10_PY,
+  full = cifar.load_cifar("cifar10", data_cfg(path=C10_PY,
                                            train_includes_val=True))
   # Official order: data_batch_1 starts frog, truck, truck, deer, automobile.
   np.testing.assert_array_equal(full.train_labels[:5], [6, 9, 9, 4, 1])
@@ -113,13 +111,13 @@ def test_archive_extracted_folder_equals_targz(tmp_path, c10_archive):
   with tarfile.open(C10_PY) as tar:
     tar.extractall(tmp_path, filter="data")
   for path in (tmp_path, tmp_path / "cifar-10-batches-py"):
-    assert_same_data(ip.load_cifar("cifar10", data_cfg(path=str(path))),
+    assert_same_data(cifar.load_cifar("cifar10", data_cfg(path=str(path))),
                      c10_archive)
 
 
 @needs_data
 def test_archive_cifar100_uses_fine_labels():
-  d = ip.load_cifar("cifar100", data_cfg(path=C100_PY,
+  d = cifar.load_cifar("cifar100", data_cfg(path=C100_PY,
                                          train_includes_val=True))
   with tarfile.open(C100_PY) as tar:
     raw = {
@@ -140,17 +138,17 @@ def test_archive_cifar100_uses_fine_labels():
 @needs_data
 def test_archive_errors_name_the_path(tmp_path):
   missing = str(tmp_path / "nowhere.tar.gz")
-  with pytest.raises(ip.DataError, match="nowhere.tar.gz.*cifar-10-python"):
-    ip.load_cifar("cifar10", data_cfg(path=missing))
+  with pytest.raises(sources.DataError, match="nowhere.tar.gz.*cifar-10-python"):
+    cifar.load_cifar("cifar10", data_cfg(path=missing))
 
   corrupt = tmp_path / "corrupt.tar.gz"
   corrupt.write_bytes(b"this is not a tar file" * 100)
-  with pytest.raises(ip.DataError, match="corrupt.tar.gz.*cifar-10-python"):
-    ip.load_cifar("cifar10", data_cfg(path=str(corrupt)))
+  with pytest.raises(sources.DataError, match="corrupt.tar.gz.*cifar-10-python"):
+    cifar.load_cifar("cifar10", data_cfg(path=str(corrupt)))
 
   # The CIFAR-100 archive given for CIFAR-10.
-  with pytest.raises(ip.DataError, match="cifar-10-batches-py"):
-    ip.load_cifar("cifar10", data_cfg(path=C100_PY))
+  with pytest.raises(sources.DataError, match="cifar-10-batches-py"):
+    cifar.load_cifar("cifar10", data_cfg(path=C100_PY))
 
   # An archive whose pickle is not a CIFAR dict.
   bad = tmp_path / "bad.tar.gz"
@@ -160,15 +158,15 @@ def test_archive_errors_name_the_path(tmp_path):
       info = tarfile.TarInfo(f"cifar-100-python/{name}")
       info.size = len(blob)
       tar.addfile(info, io.BytesIO(blob))
-  with pytest.raises(ip.DataError, match="bad.tar.gz"):
-    ip.load_cifar("cifar100", data_cfg(path=str(bad)))
+  with pytest.raises(sources.DataError, match="bad.tar.gz"):
+    cifar.load_cifar("cifar100", data_cfg(path=str(bad)))
 
-  with pytest.raises(ip.DataError, match="data.path"):
-    ip.load_cifar("cifar10", data_cfg(path=None))
-  with pytest.raises(ip.DataError, match="source"):
-    ip.load_cifar("cifar10", data_cfg(source="nfs"))
-  with pytest.raises(ip.DataError, match="Unknown dataset"):
-    ip.load_cifar("mnist", data_cfg(path=C10_PY))
+  with pytest.raises(sources.DataError, match="data.path"):
+    cifar.load_cifar("cifar10", data_cfg(path=None))
+  with pytest.raises(sources.DataError, match="source"):
+    cifar.load_cifar("cifar10", data_cfg(source="nfs"))
+  with pytest.raises(sources.DataError, match="Unknown dataset"):
+    cifar.load_cifar("mnist", data_cfg(path=C10_PY))
 
 
 @needs_data
@@ -178,8 +176,8 @@ def test_pickle_with_foreign_globals_is_refused(tmp_path):
   blob = pickle.dumps({b"data": os.getcwd, b"fine_labels": []})
   for name in ("train", "test"):
     (evil / name).write_bytes(blob)
-  with pytest.raises(ip.DataError, match="not allowed"):
-    ip.load_cifar("cifar100", data_cfg(path=str(evil)))
+  with pytest.raises(sources.DataError, match="not allowed"):
+    cifar.load_cifar("cifar100", data_cfg(path=str(evil)))
 
 
 # --------------------------------------------------------------------------
@@ -190,49 +188,49 @@ def test_pickle_with_foreign_globals_is_refused(tmp_path):
 @needs_data
 def test_val_split_is_saved_and_reused(tmp_path, c10_archive):
   workdir = str(tmp_path / "run")
-  d = ip.load_cifar("cifar10", data_cfg(path=C10_PY), workdir)
+  d = cifar.load_cifar("cifar10", data_cfg(path=C10_PY), workdir)
   np.testing.assert_array_equal(d.val_indices, c10_archive.val_indices)
-  path = os.path.join(workdir, ip.VAL_SPLIT_FILENAME)
+  path = os.path.join(workdir, rundir.VAL_SPLIT_FILE)
   saved = json.load(open(path))
   assert saved["dataset"] == "cifar10" and saved["num_train"] == C10_TRAIN
   assert saved["split_seed"] == 0 and saved["val_size"] == len(d.val_indices)
   np.testing.assert_array_equal(saved["val_indices"], d.val_indices)
 
   # A later call with another seed still gets the saved split.
-  again = ip.load_cifar("cifar10", data_cfg(path=C10_PY, split_seed=7),
+  again = cifar.load_cifar("cifar10", data_cfg(path=C10_PY, split_seed=7),
                         workdir)
   np.testing.assert_array_equal(again.val_indices, d.val_indices)
-  other = ip.load_cifar("cifar10", data_cfg(path=C10_PY, split_seed=7))
+  other = cifar.load_cifar("cifar10", data_cfg(path=C10_PY, split_seed=7))
   assert not np.array_equal(other.val_indices, d.val_indices)
 
 
 @needs_data
 def test_val_split_disagreeing_with_dataset_is_an_error(tmp_path):
   workdir = str(tmp_path)
-  ip.load_cifar("cifar10", data_cfg(path=C10_PY), workdir)
-  with pytest.raises(ip.DataError, match="cifar10.*cifar100"):
-    ip.load_cifar("cifar100", data_cfg(path=C100_PY), workdir)
+  cifar.load_cifar("cifar10", data_cfg(path=C10_PY), workdir)
+  with pytest.raises(sources.DataError, match="cifar10.*cifar100"):
+    cifar.load_cifar("cifar100", data_cfg(path=C100_PY), workdir)
 
-  path = os.path.join(workdir, ip.VAL_SPLIT_FILENAME)
+  path = os.path.join(workdir, rundir.VAL_SPLIT_FILE)
   saved = json.load(open(path))
   saved["num_train"] = 50000
   json.dump(saved, open(path, "w"))
-  with pytest.raises(ip.DataError, match="50000.*5170"):
-    ip.load_cifar("cifar10", data_cfg(path=C10_PY), workdir)
+  with pytest.raises(sources.DataError, match="50000.*5170"):
+    cifar.load_cifar("cifar10", data_cfg(path=C10_PY), workdir)
 
   with open(path, "w") as f:
     f.write("{not json")
-  with pytest.raises(ip.DataError, match="val_split.json"):
-    ip.load_cifar("cifar10", data_cfg(path=C10_PY), workdir)
+  with pytest.raises(sources.DataError, match="val_split.json"):
+    cifar.load_cifar("cifar10", data_cfg(path=C10_PY), workdir)
 
 
 def test_effective_val_size_rule():
-  assert ip.effective_val_size(5000, 50000) == 5000
-  assert ip.effective_val_size(5000, 5170) == 517
-  assert ip.effective_val_size(5000, 486) == 48
-  assert ip.effective_val_size(0, 486) == 0
-  with pytest.raises(ip.DataError):
-    ip.effective_val_size(-1, 100)
+  assert cifar.effective_val_size(5000, 50000) == 5000
+  assert cifar.effective_val_size(5000, 5170) == 517
+  assert cifar.effective_val_size(5000, 486) == 48
+  assert cifar.effective_val_size(0, 486) == 0
+  with pytest.raises(sources.DataError):
+    cifar.effective_val_size(-1, 100)
 
 
 # --------------------------------------------------------------------------
@@ -259,7 +257,7 @@ def tfds_c10(tmp_path_factory):
   before = _installed_checksums()
   cfg = data_cfg(source="tfds", data_dir=str(root / "data"),
                  manual_dir=str(manual), register_checksums=True)
-  data = ip.load_cifar("cifar10", cfg)
+  data = cifar.load_cifar("cifar10", cfg)
   # The subset's checksum must not leak into the installed package.
   assert _installed_checksums() == before
   return data, cfg
@@ -278,7 +276,7 @@ def test_tfds_reuses_prepared_data_without_manual_dir(tfds_c10):
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.manual_dir = None
   cfg.register_checksums = False
-  assert_same_data(ip.load_cifar("cifar10", cfg), data)
+  assert_same_data(cifar.load_cifar("cifar10", cfg), data)
 
 
 @pytest.mark.parametrize("dataset,archive", [
@@ -287,12 +285,12 @@ def test_tfds_reuses_prepared_data_without_manual_dir(tfds_c10):
 ])
 def test_tfds_missing_data_fails_fast(tmp_path, dataset, archive):
   start = time.monotonic()
-  with pytest.raises(ip.DataError, match=archive) as info:
-    ip.load_cifar(dataset, data_cfg(source="tfds", data_dir=str(tmp_path)))
+  with pytest.raises(sources.DataError, match=archive) as info:
+    cifar.load_cifar(dataset, data_cfg(source="tfds", data_dir=str(tmp_path)))
   assert "source=archive" in str(info.value)
   manual = tmp_path / "my_manual"
-  with pytest.raises(ip.DataError, match=str(manual)):
-    ip.load_cifar(dataset, data_cfg(source="tfds", data_dir=str(tmp_path),
+  with pytest.raises(sources.DataError, match=str(manual)):
+    cifar.load_cifar(dataset, data_cfg(source="tfds", data_dir=str(tmp_path),
                                     manual_dir=str(manual)))
   # A download attempt would hang for minutes on this offline machine.
   assert time.monotonic() - start < 5
@@ -303,8 +301,8 @@ def test_tfds_subset_needs_register_checksums(tmp_path):
   manual = tmp_path / "manual"
   manual.mkdir()
   shutil.copy(C10_BIN, manual / "cifar-10-binary.tar.gz")
-  with pytest.raises(ip.DataError, match="checksum"):
-    ip.load_cifar("cifar10", data_cfg(source="tfds",
+  with pytest.raises(sources.DataError, match="checksum"):
+    cifar.load_cifar("cifar10", data_cfg(source="tfds",
                                       data_dir=str(tmp_path / "data"),
                                       manual_dir=str(manual)))
 
@@ -313,8 +311,8 @@ def test_tfds_manual_file_that_is_not_a_tar(tmp_path):
   manual = tmp_path / "manual"
   manual.mkdir()
   (manual / "cifar-10-binary.tar.gz").write_bytes(b"garbage" * 10)
-  with pytest.raises(ip.DataError, match="not a tar"):
-    ip.load_cifar("cifar10", data_cfg(source="tfds",
+  with pytest.raises(sources.DataError, match="not a tar"):
+    cifar.load_cifar("cifar10", data_cfg(source="tfds",
                                       data_dir=str(tmp_path / "data"),
                                       manual_dir=str(manual)))
 
@@ -328,7 +326,7 @@ def test_tfds_manual_file_that_is_not_a_tar(tmp_path):
 def test_host_shard_is_a_disjoint_partition(drop_remainder):
   images = np.arange(103)[:, None] * np.ones((1, 2), np.int64)
   labels = np.arange(103)
-  shards = [ip.host_shard(images, labels, p, 4, drop_remainder)
+  shards = [cifar.host_shard(images, labels, p, 4, drop_remainder)
             for p in range(4)]
   sizes = [len(s[1]) for s in shards]
   seen = np.concatenate([s[1] for s in shards])
@@ -341,7 +339,7 @@ def test_host_shard_is_a_disjoint_partition(drop_remainder):
     assert sizes == [26, 26, 26, 25]
     np.testing.assert_array_equal(seen, labels)
   with pytest.raises(ValueError):
-    ip.host_shard(images, labels, 4, 4)
+    cifar.host_shard(images, labels, 4, 4)
 
 
 # --------------------------------------------------------------------------
@@ -350,7 +348,7 @@ def test_host_shard_is_a_disjoint_partition(drop_remainder):
 
 # Jitted once per configuration: eager Beta sampling dispatches (and compiles)
 # dozens of small programs.
-mix = jax.jit(ip.mixup_cutmix, static_argnames=("mixup_alpha", "cutmix_alpha",
+mix = jax.jit(augment.mixup_cutmix, static_argnames=("mixup_alpha", "cutmix_alpha",
                                                 "switch_prob", "prob"))
 
 MEAN = np.array([0.49, 0.48, 0.45], np.float32)
@@ -366,26 +364,26 @@ def _images(n, seed=0):
 def test_normalize_and_eval_batch():
   x = _images(4)
   expected = (x.astype(np.float32) / 255. - MEAN) / STD
-  out = ip.normalize(x, MEAN, STD)
+  out = augment.normalize(x, MEAN, STD)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(ip.eval_batch(x, MEAN, STD), out)
+  np.testing.assert_array_equal(augment.eval_batch(x, MEAN, STD), out)
 
 
 def test_smooth_labels_exact():
-  y = ip.smooth_labels(jnp.array([0, 3, 9]), 10, 0.1)
+  y = augment.smooth_labels(jnp.array([0, 3, 9]), 10, 0.1)
   assert y.shape == (3, 10) and y.dtype == jnp.float32
   expected = np.full((3, 10), np.float32(0.01))
   expected[[0, 1, 2], [0, 3, 9]] = np.float32(0.91)
   np.testing.assert_array_equal(y, expected)
   np.testing.assert_allclose(y.sum(-1), 1., rtol=1e-6)
-  np.testing.assert_array_equal(ip.smooth_labels(jnp.array([2]), 4, 0.),
+  np.testing.assert_array_equal(augment.smooth_labels(jnp.array([2]), 4, 0.),
                                 [[0., 0., 1., 0.]])
 
 
 def test_random_crop_flip_gives_shifted_copies():
   x = _images(64)
-  out = np.asarray(jax.jit(ip.random_crop_flip)(jax.random.key(0), x))
+  out = np.asarray(jax.jit(augment.random_crop_flip)(jax.random.key(0), x))
   assert out.shape == x.shape and out.dtype == np.uint8
   padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
   found = []
@@ -401,14 +399,14 @@ def test_random_crop_flip_gives_shifted_copies():
   assert 0 < sum(flips) < len(flips)
   assert len({(dy, dx) for dy, dx, _ in found}) > 10
   # No crop, no flip: the identity.
-  same = ip.random_crop_flip(jax.random.key(0), x, padding=0, flip=False)
+  same = augment.random_crop_flip(jax.random.key(0), x, padding=0, flip=False)
   np.testing.assert_array_equal(same, x)
 
 
 def test_mixup_only_is_a_convex_combination_with_the_reversed_batch():
-  x = ip.normalize(_images(8), MEAN, STD)
+  x = augment.normalize(_images(8), MEAN, STD)
   labels = jnp.arange(8)
-  y = ip.smooth_labels(labels, 10, 0.)
+  y = augment.smooth_labels(labels, 10, 0.)
   for seed in range(3):
     out, t = mix(jax.random.key(seed), x, y, mixup_alpha=0.8,
                              cutmix_alpha=0.)
@@ -420,8 +418,8 @@ def test_mixup_only_is_a_convex_combination_with_the_reversed_batch():
 
 
 def test_cutmix_only_pastes_one_box_with_lambda_of_its_area():
-  x = ip.normalize(_images(8), MEAN, STD)
-  y = ip.smooth_labels(jnp.arange(8), 10, 0.)
+  x = augment.normalize(_images(8), MEAN, STD)
+  y = augment.smooth_labels(jnp.arange(8), 10, 0.)
   lams = []
   for seed in range(10):
     out, t = mix(jax.random.key(seed), x, y, mixup_alpha=0.,
@@ -443,8 +441,8 @@ def test_cutmix_only_pastes_one_box_with_lambda_of_its_area():
 
 
 def test_mix_prob_zero_and_disabled_alphas_are_the_identity():
-  x = ip.normalize(_images(4), MEAN, STD)
-  y = ip.smooth_labels(jnp.arange(4), 10, 0.1)
+  x = augment.normalize(_images(4), MEAN, STD)
+  y = augment.smooth_labels(jnp.arange(4), 10, 0.1)
   for kw in (dict(prob=0.), dict(mixup_alpha=0., cutmix_alpha=0.)):
     out, t = mix(jax.random.key(0), x, y, **kw)
     np.testing.assert_array_equal(out, x)
@@ -452,8 +450,8 @@ def test_mix_prob_zero_and_disabled_alphas_are_the_identity():
 
 
 def test_switch_prob_chooses_between_mixup_and_cutmix():
-  x = ip.normalize(_images(4), MEAN, STD)
-  y = ip.smooth_labels(jnp.arange(4), 10, 0.)
+  x = augment.normalize(_images(4), MEAN, STD)
+  y = augment.smooth_labels(jnp.arange(4), 10, 0.)
   kinds = set()
   for seed in range(16):
     out, _ = mix(jax.random.key(seed), x, y)
@@ -466,7 +464,7 @@ def test_switch_prob_chooses_between_mixup_and_cutmix():
 def test_augment_batch_shapes_determinism_and_targets():
   x = _images(16)
   labels = np.arange(16) % 10
-  fn = jax.jit(lambda rng, im, lab: ip.augment_batch(
+  fn = jax.jit(lambda rng, im, lab: augment.augment_batch(
       rng, im, lab, aug_cfg(), MEAN, STD, 10))
   a_img, a_t = fn(jax.random.key(1), x, labels)
   b_img, b_t = fn(jax.random.key(1), x, labels)
@@ -482,29 +480,51 @@ def test_augment_batch_shapes_determinism_and_targets():
   # Everything off: exactly the evaluation preprocessing and plain one-hots.
   off = aug_cfg(crop_padding=0, flip=False, mixup_alpha=0., cutmix_alpha=0.,
                 label_smoothing=0.)
-  img, t = ip.augment_batch(jax.random.key(0), x, labels, off, MEAN, STD, 10)
-  np.testing.assert_array_equal(img, ip.eval_batch(x, MEAN, STD))
+  img, t = augment.augment_batch(jax.random.key(0), x, labels, off, MEAN, STD, 10)
+  np.testing.assert_array_equal(img, augment.eval_batch(x, MEAN, STD))
   np.testing.assert_array_equal(t, np.eye(10, dtype=np.float32)[labels])
 
 
-def test_augment_batch_in_pmap_with_per_device_keys():
-  n_dev = jax.local_device_count()
-  x = _images(4 * n_dev).reshape(n_dev, 4, 32, 32, 3)
-  labels = (np.arange(4 * n_dev) % 10).reshape(n_dev, 4)
+def _position_images(n):
+  """Images whose channel 0 holds row + 1 and channel 1 column + 1 (0 is reserved for the padding)."""
+  rows, cols = np.meshgrid(np.arange(1, 33), np.arange(1, 33), indexing="ij")
+  image = np.stack([rows, cols, np.zeros_like(rows)], axis=-1).astype(np.uint8)
+  return np.broadcast_to(image, (n, 32, 32, 3)).copy()
 
-  # Mixing off: its Beta sampling is covered above and costs seconds to compile.
-  cfg = aug_cfg(mixup_alpha=0., cutmix_alpha=0.)
 
-  def step(im, lab, base, step_count):
-    rng = jax.random.fold_in(jax.random.fold_in(base, step_count),
-                             jax.lax.axis_index("batch"))
-    return ip.augment_batch(rng, im, lab, cfg, MEAN, STD, 10)
+def _raw_pixels(x):
+  """The uint8 values back from `augment_batch`'s output when mean = 0 and std = 1."""
+  return np.rint(np.asarray(x) * 255.0).astype(np.int64)
 
-  p = jax.pmap(step, axis_name="batch", in_axes=(0, 0, None, None))
-  img, t = p(x, labels, jax.random.key(0), 3)
-  assert img.shape == (n_dev, 4, 32, 32, 3) and t.shape == (n_dev, 4, 10)
-  img2, _ = p(x, labels, jax.random.key(0), 3)
-  np.testing.assert_array_equal(img, img2)
-  img3, _ = p(x, labels, jax.random.key(0), 4)  # the next step differs
-  assert not np.array_equal(img, img3)
-  np.testing.assert_allclose(t.sum(-1), 1., rtol=1e-5)
+
+def test_augmentation_in_distribution_uniform_crops_black_padding_fair_independent_flips():
+  # What the train step does to every sample (mixing and smoothing off), observed on 4,500 samples:
+  # crop offsets uniform over 0..8 on both axes, independent of each other; padded pixels black before
+  # normalisation; flips with p = 0.5, independent per sample and per step.
+  n = 4500
+  zero, one = np.zeros(3, np.float32), np.ones(3, np.float32)
+  images, labels = _position_images(n), np.zeros(n, np.int32)
+  cfg = aug_cfg(mixup_alpha=0., cutmix_alpha=0., label_smoothing=0.)
+  run = jax.jit(lambda key: augment.augment_batch(key, images, labels, cfg, zero, one, 10)[0])
+  raw = _raw_pixels(run(jax.random.PRNGKey(0)))
+  flipped = raw[:, 16, 15, 1] > raw[:, 16, 16, 1]  # columns run backwards (both always inside)
+  dy = raw[:, 16, 16, 0] - 13  # output row 16 shows input row 16 + dy - 4
+  # The flip comes after the crop: undo it on the whole image to read the crop.
+  unflipped = np.where(flipped[:, None, None, None], raw[:, :, ::-1, :], raw)
+  dx = unflipped[:, 16, 16, 1] - 13
+  assert set(np.unique(dy)) == set(range(9)) and set(np.unique(dx)) == set(range(9))
+  expected, sd = n / 9, np.sqrt(n * (1 / 9) * (8 / 9))
+  for offsets in (dy, dx):
+    counts = np.bincount(offsets, minlength=9)
+    assert np.all(np.abs(counts - expected) < 5 * sd), counts
+  assert abs(np.corrcoef(dy, dx)[0, 1]) < 5 / np.sqrt(n)
+  # Padding: where the crop reaches outside the image every channel is the raw value 0.
+  top = unflipped[dy == 0]  # offset 0: the first 4 rows come from the padding
+  assert np.all(top[:, :4] == 0) and np.all(top[:, 4:, 16, 0] > 0)
+  # Flips: fair, and independent per sample (runs of equal neighbours as for coin tosses) and per step.
+  sd_flip = np.sqrt(n * 0.25)
+  assert abs(flipped.sum() - n / 2) < 5 * sd_flip
+  assert abs(np.sum(flipped[1:] == flipped[:-1]) - (n - 1) / 2) < 5 * sd_flip
+  raw_next = _raw_pixels(run(jax.random.PRNGKey(1)))
+  flipped_next = raw_next[:, 16, 15, 1] > raw_next[:, 16, 16, 1]
+  assert abs(np.sum(flipped == flipped_next) - n / 2) < 5 * sd_flip

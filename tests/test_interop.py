@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msdfuse_jax import checkpoints, models, run_config
+from msdfuse_jax import checkpoints, models, rundir
 from msdfuse_jax.interop import torch_msdnet
-from tests.conftest import REPO, shared_file
+from tests.conftest import shared_file
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +90,10 @@ def test_import_cli_writes_a_loadable_run(tmp_path, reference):
   workdir = tmp_path / "run"
   torch_msdnet.import_weights(config, str(shared_file("reference", "msdnet_anytime_cifar10_seed0.npz")),
                               str(workdir))
-  loaded = run_config.load_config(str(workdir))
+  loaded = rundir.load_config(str(workdir))
   assert loaded.model.name == "msdnet_anytime7"
   variables, step = checkpoints.load_variables(str(workdir))
   assert step == 0
-  model = run_config.build_model(loaded)
+  model = models.from_config(loaded)
   out = np.stack(model.apply(variables, jnp.asarray(images)))
   np.testing.assert_allclose(out, logits, atol=1e-4, rtol=0)

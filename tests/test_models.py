@@ -1,6 +1,7 @@
 """MSDNet / MSDFuse structure, switches, the multi-exit contract and errors."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,11 @@ def _init(model, size=32, batch=1):
 def _kernel_shapes(variables):
   flat = traverse_util.flatten_dict(variables["params"])
   return {"/".join(k[:-1]): v.shape for k, v in flat.items() if k[-1] == "kernel"}
+
+
+def _variable_shapes(variables):
+  """Every variable (params and batch statistics) by its full path, ``params/exit1/conv1/conv/kernel``."""
+  return {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(variables).items()}
 
 
 def test_anytime7_layout_matches_spec():
@@ -76,8 +82,9 @@ def test_spatial_sizes_of_each_stem():
 def test_fusion_widens_the_down_path_by_one_growth():
   # Down path of scale s reads (n_in + growth) * gr[s-1] channels with fusion, n_in * gr[s-1] without.
   kw = dict(bottleneck=False)
-  plain = _kernel_shapes(_init(models.build_model("msdnet_tiny", 10, **kw)))
-  fused = _kernel_shapes(_init(models.build_model("msdnet_tiny", 10, fusion=True, **kw)))
+  plain_vars = _init(models.build_model("msdnet_tiny", 10, **kw))
+  fused_vars = _init(models.build_model("msdnet_tiny", 10, fusion=True, **kw))
+  plain, fused = _kernel_shapes(plain_vars), _kernel_shapes(fused_vars)
   model = models.build_model("msdnet_tiny", 10)
   layer = model.layer_plan()[0][1]  # layer 2: all three scales, no transition
   g, gr = model.growth_rate, model.gr_factor
@@ -85,10 +92,27 @@ def test_fusion_widens_the_down_path_by_one_growth():
     key = f"block1/layer{layer.index}/scale{s}_down/conv3x3/conv"
     assert plain[key][2] == layer.n_in * gr[s - 2]
     assert fused[key][2] == (layer.n_in + g) * gr[s - 2]
-  # The normal paths and everything else keep their widths.
-  same = [k for k in plain if "_down" not in k and "exit" not in k and "layer0" not in k]
-  changed = [k for k in same if "scale1" in k and plain[k] != fused[k]]
-  assert not changed
+  # The same variables exist, and the only shapes that change are the input widths of the down paths'
+  # convolutions (here one per path), by one growth of the finer scale, wherever that finer scale has a
+  # normal path in the same layer (the features fused; a pruning layer has none at its dropped scale). The
+  # normal paths, the stem, the transitions, the exits and every batch norm keep their shapes.
+  plain_all, fused_all = _variable_shapes(plain_vars), _variable_shapes(fused_vars)
+  assert plain_all.keys() == fused_all.keys()
+  widened, kept = [], []
+  for key, shape in plain_all.items():
+    match = re.fullmatch(r"params/(block\d+/layer\d+)/scale(\d)_down/conv3x3/conv/kernel", key)
+    s = int(match.group(2)) if match else 0
+    if match and f"params/{match.group(1)}/scale{s - 1}_normal/conv3x3/conv/kernel" in plain_all:
+      assert fused_all[key] == shape[:2] + (shape[2] + g * gr[s - 2],) + shape[3:], key
+      widened.append(key)
+      continue
+    assert fused_all[key] == shape, key
+    if match:
+      kept.append(key)
+  # The pruning layers 3 and 5 (3 -> 2 and 2 -> 1 scales) keep their first kept scale's down path as it is.
+  assert len(widened) == 6
+  assert kept == [f"params/{path}/conv3x3/conv/kernel" for path in ("block2/layer3/scale2_down",
+                                                                     "block3/layer5/scale3_down")]
 
 
 def test_fused_transition_drops_the_down_path_of_the_first_kept_scale():
@@ -183,3 +207,70 @@ def test_bad_input_raises_value_error_naming_choices():
 def test_block_steps():
   assert msdnet.block_steps(5, "lin_grow", 1, 1) == [1, 2, 3, 4, 5]
   assert msdnet.block_steps(3, "even", 2, 4) == [4, 2, 2]
+
+
+def test_a_switch_without_effect_is_an_error():
+  with pytest.raises(ValueError, match="stem_pointwise=True has no effect with stem='msdnet'"):
+    models.build_model("msdnet_tiny", 10, stem_pointwise=True)
+  models.build_model("msdnet_tiny", 10, stem="efficient", stem_pointwise=True).validate()
+  with pytest.raises(ValueError, match="fusion=True has no effect with a single scale"):
+    models.build_model("msdnet_tiny", 10, gr_factor=(1,), bn_factor=(1,), fusion=True)
+  for bad in (dict(bottleneck=1), dict(growth_rate=True), dict(bn_factor=(1, 2, True))):
+    with pytest.raises(ValueError):
+      models.build_model("msdnet_tiny", 10, **bad)
+
+
+def test_num_exits_must_be_an_exit_count_not_a_bool():
+  model = models.build_model("msdnet_tiny", 10)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  for bad in (True, 0, 4, 1.0):
+    with pytest.raises(ValueError, match="num_exits must be an integer in"):
+      model.apply(variables, jnp.zeros((1, 32, 32, 3)), num_exits=bad)
+  assert len(model.apply(variables, jnp.zeros((1, 32, 32, 3)), num_exits=2)) == 2
+
+
+def _flat_params(name, **overrides):
+  model = models.build_model(name, 10, **overrides)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def test_weight_init_pytorch_is_pytorchs_default_and_he_fan_out_is_msdnets_intent():
+  # 'pytorch' (the MSDNet presets' default): every conv and Linear U(+-1/sqrt(fan_in)), Linear biases too.
+  # 'he_fan_out': N(0, sqrt(2 / (k * k * C_out))) kernels and zero Linear biases.
+  for init in ("pytorch", "he_fan_out"):
+    flat = _flat_params("msdnet_anytime7", weight_init=init)
+    kernels = {k: v for k, v in flat.items() if k.endswith("conv/kernel") and v.size >= 2000}
+    assert len(kernels) > 20
+    for key, w in kernels.items():
+      kh, kw, c_in, c_out = w.shape
+      if init == "pytorch":
+        bound = 1 / np.sqrt(kh * kw * c_in)
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound, key
+        np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.15, err_msg=key)
+      else:
+        assert np.abs(w).max() > 2 * w.std()  # a normal, not a uniform
+        np.testing.assert_allclose(w.std(), np.sqrt(2 / (kh * kw * c_out)), rtol=0.15, err_msg=key)
+    biases = [v for k, v in flat.items() if k.endswith("linear/bias")]
+    assert len(biases) == 7
+    if init == "pytorch":
+      assert all(np.abs(b).max() > 0 for b in biases)
+    else:
+      assert all(not b.any() for b in biases)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_batchnorm_running_variance_follows_pytorch_or_flax(unbiased):
+  from msdfuse_jax.models import layers  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 3, 2)) * 2 + 1
+  bn = layers.BatchNorm(unbiased_var=unbiased)
+  variables = bn.init(jax.random.PRNGKey(0), x)
+  y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+  n = 4 * 3 * 3
+  xs = np.asarray(x).reshape(n, 2)
+  var = xs.var(0) * (n / (n - 1) if unbiased else 1.0)
+  np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 * 1.0 + 0.1 * var, rtol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * xs.mean(0), rtol=1e-5, atol=1e-7)
+  # The forward pass normalises with the biased batch variance either way (as both frameworks do).
+  np.testing.assert_allclose(np.asarray(y).reshape(n, 2), (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5),
+                             rtol=1e-4, atol=1e-5)

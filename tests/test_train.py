@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 
 from configs import cifar
-from msdfuse_jax import checkpoints, input_pipeline, metrics, parallel, run_config, train
+from msdfuse_jax import checkpoints, metrics, models, parallel, preemption, rundir, train, xla_flags
+from msdfuse_jax.data import cifar as cifar_data
+from msdfuse_jax.data import sources
+from msdfuse_jax import optim
 from msdfuse_jax import train_state as ts
 from tests.conftest import REPO, shared_file
 
@@ -54,7 +57,7 @@ def params_of(state) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
-class StopAt(train.Preemption):
+class StopAt(preemption.Preemption):
   """A preemption that arrives after a given step, as SIGTERM would."""
 
   def __init__(self, step):
@@ -74,33 +77,6 @@ def uninterrupted(tmp_path_factory):
 
 
 # ---- pure pieces ------------------------------------------------------------------------------------------
-
-
-def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
-  optim = ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_epochs=2.0))
-  schedule = ts.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=120)
-  assert float(schedule(0)) == 0.0
-  np.testing.assert_allclose(float(schedule(10)), 0.05, rtol=1e-6)
-  np.testing.assert_allclose(float(schedule(20)), 0.1, rtol=1e-6)
-  np.testing.assert_allclose(float(schedule(70)), 0.05, rtol=1e-5)  # half-way through the cosine
-  assert float(schedule(120)) == pytest.approx(0.0, abs=1e-9)
-  # A run shorter than the warm-up warms up over half of it.
-  short = ts.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=8)
-  np.testing.assert_allclose(float(short(4)), 0.1, rtol=1e-6)
-
-
-@pytest.mark.parametrize("decay_1d", [False, True])
-def test_weight_decay_exempts_biases_and_1d_parameters_unless_asked(decay_1d):
-  optim = ml_collections.ConfigDict(dict(weight_decay=0.5, decay_1d=decay_1d, momentum=0.9, nesterov=True))
-  tx = ts.create_optimizer(optim, lambda step: 1.0)
-  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "bn": {"scale": jnp.ones((2,))}}
-  zero = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(zero, tx.init(params), params)
-  # Nesterov SGD on the decay term alone: -lr * (1 + momentum) * weight_decay * p.
-  np.testing.assert_allclose(updates["kernel"], -0.95 * np.ones((2, 2)), rtol=1e-6)
-  expected_1d = -0.95 if decay_1d else 0.0
-  np.testing.assert_allclose(updates["bias"], expected_1d, rtol=1e-6)
-  np.testing.assert_allclose(updates["bn"]["scale"], expected_1d, rtol=1e-6)
 
 
 def test_exit_metrics_known_answers():
@@ -152,7 +128,7 @@ def test_batch_layout_errors_name_the_fields():
 
 def test_sigterm_sets_the_stop_flag_and_the_handler_is_restored():
   before = signal.getsignal(signal.SIGTERM)
-  with train.Preemption() as stop:
+  with preemption.Preemption() as stop:
     assert not stop.reached(1)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.05)  # the handler runs between bytecodes of the main thread
@@ -162,21 +138,22 @@ def test_sigterm_sets_the_stop_flag_and_the_handler_is_restored():
 
 def test_tuned_cpu_flags_keep_what_the_user_set(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot --xla_foo=1")
-  parallel.use_fast_cpu_flags()
+  xla_flags.use_fast_cpu_flags()
   flags = os.environ["XLA_FLAGS"].split()
   assert flags[:2] == ["--xla_cpu_experimental_ynn_fusion_type=individual_dot", "--xla_foo=1"]
   assert "--xla_cpu_experimental_ynn_fusion_type=" not in flags
-  assert set(parallel.CPU_XLA_FLAGS[1:]) <= set(flags)
-  parallel.use_fast_cpu_flags()  # idempotent
+  assert set(xla_flags.CPU_XLA_FLAGS[1:]) <= set(flags)
+  xla_flags.use_fast_cpu_flags()  # idempotent
   assert os.environ["XLA_FLAGS"].split() == flags
 
 
 # ---- runs -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_short_run_on_the_cifar10_subset_learns(uninterrupted):
   workdir, _ = uninterrupted
-  final = json.loads((workdir / train.FINAL_METRICS_FILE).read_text())
+  final = json.loads((workdir / rundir.FINAL_METRICS_FILE).read_text())
   assert final["step"] == STEPS
   num_exits = 3
   # The loss starts at about ln(10) per exit; the last 20 train steps (augmented, smoothed) and the clean
@@ -188,8 +165,8 @@ def test_short_run_on_the_cifar10_subset_learns(uninterrupted):
     assert final[f"test/accuracy_exit{k}"] > 0.15, final
     assert final[f"val/accuracy_exit{k}"] > 0.15, final
   assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["40", "80"]
-  assert run_config.load_config(str(workdir)).model.name == "msdnet_tiny"
-  assert (workdir / input_pipeline.VAL_SPLIT_FILENAME).exists()
+  assert rundir.load_config(str(workdir)).model.name == "msdnet_tiny"
+  assert (workdir / rundir.VAL_SPLIT_FILE).exists()
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
 
 
@@ -202,6 +179,7 @@ def interrupted_run(workdir, step: int) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(saved["params"])]
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, uninterrupted):
   _, reference = uninterrupted
   workdir = tmp_path / "run"
@@ -216,6 +194,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, uninterrupted):
   assert int(again.step) == STEPS
 
 
+@pytest.mark.slow
 def test_two_devices_give_the_result_of_one(tmp_path):
   # Both runs have 2 batch shards: one device runs both (vmapped), two devices one each (pmean across
   # them). They agree up to float summation order. Compared after one step: this tiny net at LR 0.2
@@ -247,11 +226,12 @@ def test_two_devices_give_the_result_of_one(tmp_path):
     np.testing.assert_allclose(got[f"arr_{i}"], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_without_saving(tmp_path):
   # Resume from a checkpoint whose parameters are NaN (the same compiled step as the other runs).
   config = tiny_config(log_every_steps=1, checkpoint_every_steps=1)
-  model = run_config.build_model(config)
-  tx = ts.create_optimizer(config.optim, lambda step: 0.1)
+  model = models.from_config(config)
+  tx = optim.create_optimizer(config.optim, lambda step: 0.1)
   state = ts.init_train_state(model, tx, jax.random.PRNGKey(0))
   state = state.replace(step=jnp.int32(4), params=jax.tree.map(lambda p: p * np.nan, state.params))
   checkpoints.save(checkpoints.manager(str(tmp_path)), 4, state.to_checkpoint())
@@ -261,26 +241,28 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
   assert os.listdir(tmp_path / "checkpoints") == ["4"]
 
 
+@pytest.mark.slow
 def test_bad_inputs_raise_their_own_errors(tmp_path):
   config = tiny_config()
   config.data.path = str(tmp_path / "missing.tar.gz")
-  with pytest.raises(input_pipeline.DataError, match="missing.tar.gz"):
+  with pytest.raises(sources.DataError, match="missing.tar.gz"):
     train.train_and_evaluate(config, str(tmp_path / "a"))
   config = tiny_config()
   config.model.name = "nope"
   with pytest.raises(train.ConfigError, match="unknown model 'nope'"):
     train.train_and_evaluate(config, str(tmp_path / "b"))
   # A workdir belongs to one model.
-  run_config.save_config(str(tmp_path / "c"), tiny_config())
+  rundir.save_config(str(tmp_path / "c"), tiny_config())
   other = cifar.get_config("dataset=cifar10,model=msdfuse_tiny,runlocal")
   with pytest.raises(train.ConfigError, match="another --workdir"):
     train.train_and_evaluate(other, str(tmp_path / "c"))
 
 
+@pytest.mark.slow
 def test_imported_weights_start_a_fresh_optimizer(tmp_path):
   config = tiny_config()
-  model = run_config.build_model(config)
-  tx = ts.create_optimizer(config.optim, lambda step: 0.1)
+  model = models.from_config(config)
+  tx = optim.create_optimizer(config.optim, lambda step: 0.1)
   imported = ts.init_train_state(model, tx, jax.random.PRNGKey(42))
   checkpoints.save(checkpoints.manager(str(tmp_path)), 0,
                    {"step": 0, "params": imported.params, "batch_stats": imported.batch_stats})
@@ -292,11 +274,121 @@ def test_imported_weights_start_a_fresh_optimizer(tmp_path):
   assert jax.tree.structure(state.opt_state) == jax.tree.structure(fresh.opt_state)
 
 
+def _corrupt(step_dir) -> None:
+  """Overwrites every data file of a checkpoint step, as a disk error or a killed copy would."""
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00garbage" * 7)
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_continues(tmp_path, uninterrupted):
+  _, reference = uninterrupted
+  workdir = tmp_path / "run"
+  with pytest.raises(train.Preempted, match="after step 40"):
+    train.train_and_evaluate(tiny_config(checkpoint_every_steps=20), str(workdir), preemption=StopAt(40))
+  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["20", "40"]
+  _corrupt(workdir / "checkpoints" / "40")
+  # Evaluation reads the newest readable step and leaves the workdir as it is.
+  _, step = checkpoints.load_variables(str(workdir))
+  assert step == 20 and (workdir / "checkpoints" / "40").exists()
+  # Training resumes from step 20, moves step 40 aside, and saves step 40 again when it gets there.
+  resumed = train.train_and_evaluate(tiny_config(checkpoint_every_steps=20), str(workdir))
+  assert int(resumed.step) == STEPS
+  assert "40" in os.listdir(workdir / "checkpoints")
+  aside = os.listdir(workdir / rundir.UNREADABLE_CHECKPOINT_DIR)
+  assert len(aside) == 1 and aside[0].startswith("40-")
+  for got, want in zip(params_of(resumed), reference):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_every_unreadable_checkpoint_is_an_error_and_nothing_is_moved(tmp_path):
+  config = tiny_config()
+  model = models.from_config(config)
+  tx = optim.create_optimizer(config.optim, lambda step: 0.1)
+  state = ts.init_train_state(model, tx, jax.random.PRNGKey(0))
+  checkpoints.save(checkpoints.manager(str(tmp_path)), 3, state.replace(step=jnp.int32(3)).to_checkpoint())
+  _corrupt(tmp_path / "checkpoints" / "3")
+  with pytest.raises(checkpoints.CheckpointError, match="no readable checkpoint.*step 3"):
+    ts.restore_or_init(str(tmp_path), state)
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+
+
+@pytest.mark.slow
+def test_every_shard_of_a_step_gets_its_own_augmentation():
+  # Two shards holding the same 16 images: with one key for both they would see the same crops and flips,
+  # and the step's summed loss would be twice shard 0's. It must be shard 0's loss under the key folded
+  # with global shard id 0 plus shard 1's under id 1. The step is the one `tiny_config` training compiles
+  # (same shapes and constants), so it comes from the compilation cache.
+  config = tiny_config()
+  data = cifar_data.load_cifar(config.dataset, config.data)
+  model = models.from_config(config)
+  n = len(data.train_images)
+  images, labels = data.train_images[:16], data.train_labels[:16]
+  dataset = {"image": data.train_images.copy(), "label": data.train_labels.copy()}
+  dataset["image"][16:32], dataset["label"][16:32] = images, labels
+  plan = train.make_plan(config.train, n)
+  tx = optim.create_optimizer(config.optim, optim.learning_rate_schedule(config.optim, plan.steps_per_epoch,
+                                                                         plan.total_steps))
+  weights = np.ones(model.num_exits, np.float32)
+  p_train_step, _ = train.make_steps(model, tx, config.aug, plan, weights, data.mean, data.std, 10)
+  state = ts.init_train_state(model, tx, jax.random.PRNGKey(0))
+  aug_rng = jax.random.PRNGKey(7)
+  local_ids, global_ids = parallel.local_shard_ids(plan.num_shards)
+  _, metrics = p_train_step(parallel.replicate(state), parallel.replicate(dataset),
+                            parallel.replicate(np.arange(n, dtype=np.int32)),
+                            parallel.shard({"local": local_ids, "global": global_ids}),
+                            parallel.replicate(aug_rng))
+  step_loss = parallel.unreplicate(metrics)["loss"]
+
+  def shard_loss(shard_id):
+    key = jax.random.fold_in(jax.random.fold_in(aug_rng, 0), shard_id)
+    _, _, sums = train.loss_and_grads(state.params, state.batch_stats, images, labels, key, model=model,
+                                      aug=config.aug, mean=data.mean, std=data.std, num_classes=10,
+                                      weights=weights)
+    return np.asarray(sums["loss"])
+
+  first, second = shard_loss(0), shard_loss(1)
+  assert not np.allclose(first, second, rtol=1e-3)  # the two keys augment differently
+  np.testing.assert_allclose(step_loss, first + second, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_run_starts_stops_it_cleanly(tmp_path):
+  config = f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=msdnet_tiny,runlocal"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "msdfuse_jax.tools.train_main", config, "--config.data.source=archive",
+       f"--config.data.path={shared_file(*C10)}", f"--workdir={tmp_path}/run"],
+      stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  lines, deadline = [], time.time() + 240
+  try:
+    for line in proc.stderr:  # wait until the data is loaded: initialisation and compilation follow
+      lines.append(line)
+      if "CIFAR-10:" in line or time.time() > deadline:
+        break
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=240)
+  finally:
+    proc.kill()
+  err = "".join(lines) + rest
+  assert proc.returncode == 128 + 15, err[-3000:]
+  assert "stopped by SIGTERM before step 1 of 20; nothing to save" in err
+  assert "Traceback" not in err
+  assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+def test_a_config_json_without_model_entry_is_reported_not_crashed(tmp_path):
+  rundir.write_json(str(tmp_path / rundir.CONFIG_FILE), {"dataset": "cifar10"})
+  with pytest.raises(train.ConfigError, match="another --workdir"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+
+
 # ---- the command line -------------------------------------------------------------------------------------
 
 
 def run_cli(*args, cwd):
-  return subprocess.run([sys.executable, "-m", "msdfuse_jax.tools.train", *args], capture_output=True,
+  return subprocess.run([sys.executable, "-m", "msdfuse_jax.tools.train_main", *args], capture_output=True,
                         text=True, cwd=cwd, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 

@@ -1,2 +1,2 @@
-"""CIFAR data: host-side loading (`cifar`, `sources`) and device-side
-augmentation (`augment`). `msdfuse_jax.input_pipeline` re-exports the API."""
+"""CIFAR data: host-side reading (`sources`: TFDS and the official archives), the validation split,
+statistics and per-process shares (`cifar`), and device-side augmentation (`augment`)."""

@@ -1,9 +1,11 @@
 """Device-side CIFAR augmentation: pure JAX, jittable, deterministic per key.
 
-The train step calls `augment_batch` inside the jitted/pmapped step on the
-uint8 batch it received, with `rng = fold_in(fold_in(base, step),
-axis_index)`, so every device augments its own shard differently and a
-resumed run repeats the same augmentation. Host-to-device transfers stay uint8
+The train step calls `augment_batch` inside the compiled step on each shard
+of the uint8 batch, with `rng = fold_in(fold_in(base, step), shard)` where
+`shard` is the shard's *global* index (0..num_shards-1, over every device of
+every process), so every shard is augmented differently, the augmentation
+does not depend on how many devices run the shards, and a resumed run
+repeats the same augmentation. Host-to-device transfers stay uint8
 (4x smaller than float32).
 
 Order of operations (the torchvision/timm order of the reference code):
@@ -29,7 +31,8 @@ import numpy as np
 
 ArrayLike = jax.Array | np.ndarray
 
-# Defaults of the authors' (timm) recipe, used for fields absent from aug_cfg.
+# The authors' (timm) recipe: the one place these defaults live (configs/cifar.py starts from them;
+# fields absent from an older config.json take them).
 DEFAULTS = dict(crop_padding=4, flip=True, mixup_alpha=0.8, cutmix_alpha=1.0,
                 switch_prob=0.5, mix_prob=1.0, label_smoothing=0.1)
 
@@ -195,7 +198,7 @@ def augment_batch(rng: jax.Array, images: ArrayLike, labels: ArrayLike,
   """Training augmentation of one (per-device) batch.
 
   Args:
-    rng: PRNG key, e.g. `fold_in(fold_in(base, step), axis_index)`.
+    rng: PRNG key, e.g. `fold_in(fold_in(base, step), global_shard_id)`.
     images: uint8 (N, H, W, C).
     labels: int (N,).
     aug_cfg: ConfigDict/dict with `crop_padding` (4), `flip` (True),

@@ -4,7 +4,7 @@
 whole dataset fits in host memory (50,000 x 3,072 bytes), so training samples
 batches from these arrays and augments them on the device (see `augment.py`).
 
-Validation split (SPEC section 6): `val_size` images are held out from the
+Validation split (the MSDNet protocol): `val_size` images are held out from the
 official training set by `np.random.default_rng(split_seed).permutation`. The
 indices are saved in `workdir/val_split.json` and reused on every later call, so
 training, resumption and threshold fitting all see the same split. Indices
@@ -29,10 +29,10 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from msdfuse_jax import rundir
 from msdfuse_jax.data import sources
 from msdfuse_jax.data.sources import DataError
 
-VAL_SPLIT_FILENAME = "val_split.json"
 
 # (mean, std) in [0, 1] units as used by MSDNet-PyTorch's data loader, for
 # evaluating models imported from its checkpoints.
@@ -143,7 +143,7 @@ def resolve_val_split(dataset: str, num_train: int, val_size: int,
   Raises:
     DataError: if the saved split was made for another dataset or size.
   """
-  path = os.path.join(workdir, VAL_SPLIT_FILENAME) if workdir else None
+  path = os.path.join(workdir, rundir.VAL_SPLIT_FILE) if workdir else None
   if path and os.path.exists(path):
     try:
       with open(path) as f:

@@ -52,6 +52,16 @@ DATASETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+
+
+def num_classes(dataset: str) -> int:
+  """The class count of `dataset`; ValueError naming the valid datasets otherwise."""
+  try:
+    return int(DATASETS[dataset]["num_classes"])
+  except KeyError:
+    raise ValueError(f"unknown dataset {dataset!r}; valid choices: {sorted(DATASETS)}") from None
+
+
 _IMAGE_SHAPE_CHW = (3, 32, 32)
 _ROW_SIZE = 3 * 32 * 32
 

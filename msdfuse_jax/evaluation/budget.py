@@ -119,9 +119,23 @@ _TORCH_PRIOR_FILE = os.path.join(os.path.dirname(__file__), "torch_prior.npy")
 
 
 @functools.lru_cache(maxsize=1)
-def _torch_prior_table() -> np.ndarray | None:
-  """torch's own float32 priors, [p, K, k] (see experiments/make_torch_prior_table.py)."""
-  return np.load(_TORCH_PRIOR_FILE) if os.path.exists(_TORCH_PRIOR_FILE) else None
+def _torch_prior_table() -> np.ndarray:
+  """torch's own float32 priors, [p, K, k] (see experiments/make_torch_prior_table.py).
+
+  Raises:
+    FileNotFoundError: when the packaged table is missing. Recomputing the prior instead would not be
+      exact (for 11 and 12 exits it moves four quotas by one), so there is no silent fallback.
+  """
+  if not os.path.exists(_TORCH_PRIOR_FILE):
+    raise FileNotFoundError(
+        f"{_TORCH_PRIOR_FILE} not found: the msdfuse_jax package install is incomplete (the exit prior "
+        "table of the budgeted evaluation is package data; reinstall the package), or regenerate the "
+        "table with `python experiments/make_torch_prior_table.py` (needs torch)")
+  table = np.load(_TORCH_PRIOR_FILE)
+  if table.ndim != 3 or table.shape[0] != NUM_BUDGET_POINTS + 1:
+    raise ValueError(f"{_TORCH_PRIOR_FILE} has shape {table.shape}, not ({NUM_BUDGET_POINTS + 1}, K + 1, K): "
+                     "regenerate it with `python experiments/make_torch_prior_table.py`")
+  return table
 
 
 def exit_prior(p: int, num_exits: int) -> np.ndarray:
@@ -130,8 +144,9 @@ def exit_prior(p: int, num_exits: int) -> np.ndarray:
   The reference computes ``exp(log(q) * k) / sum_j exp(log(q) * j)`` with torch float32 kernels, which
   are not correctly rounded (on torch 2.13's CPU build, 8 of the 39 logs, some exps and many sums differ
   by an ULP from the correctly rounded value), and one ULP can move ``floor(N * prior_k)`` by one. So the
-  values come from a table of torch's own results for K <= 24; beyond it they are computed in float32
-  with correctly rounded log/exp and a left-to-right sum, which agrees with torch to about 1 ULP.
+  values come from a table of torch's own results for K <= 24 (packaged ``torch_prior.npy``); beyond it they
+  are computed in float32 with correctly rounded log/exp and a left-to-right sum, which agrees with torch to
+  about 1 ULP.
 
   Args:
     p: budget point in 1..39; q = p / 20.
@@ -139,10 +154,14 @@ def exit_prior(p: int, num_exits: int) -> np.ndarray:
 
   Returns:
     float32 array (K,).
+
+  Raises:
+    ValueError: on `p` outside 1..39.
+    FileNotFoundError: when the packaged table ``torch_prior.npy`` is missing (an incomplete install).
   """
   p = _check_p(p)
   table = _torch_prior_table()
-  if table is not None and num_exits < table.shape[1]:
+  if num_exits < table.shape[1]:
     return table[p, num_exits, :num_exits].copy()
   q = np.float32(p / 20)
   log_q = np.float32(math.log(float(q)))

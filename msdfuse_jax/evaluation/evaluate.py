@@ -20,31 +20,29 @@ import jax
 import numpy as np
 from absl import logging
 
-from msdfuse_jax import checkpoints, costs, inference, input_pipeline, run_config
+from msdfuse_jax import checkpoints, costs, models, rundir
+from msdfuse_jax.data import augment, cifar
 from msdfuse_jax.evaluation import anytime, budget, predict, report
-
-EVAL_DIR = "eval"
-
 
 def load_run(workdir: str, dtype: str | None = None):
   """(config, model, variables, step, data) of a run directory, everything evaluation needs."""
-  config = run_config.load_config(workdir)
-  model = run_config.build_model(config, dtype=dtype)
+  config = rundir.load_config(workdir)
+  model = models.from_config(config, dtype=dtype)
   variables, step = checkpoints.load_variables(workdir)
-  data = input_pipeline.load_cifar(config.dataset, config.data, workdir)
+  data = cifar.load_cifar(config.dataset, config.data, workdir)
   return config, model, variables, step, data
 
 
 def _augmented(images: np.ndarray, padding: int, seed: int) -> np.ndarray:
   """The training crop and flip applied once to `images` (the reference's validation-set bug)."""
-  out = input_pipeline.random_crop_flip(jax.random.PRNGKey(seed), images, padding=padding)
+  out = augment.random_crop_flip(jax.random.PRNGKey(seed), images, padding=padding)
   return np.asarray(out).astype(np.uint8)
 
 
 def evaluate_run(workdir: str, out_dir: str | None = None, with_xla: bool = True) -> dict[str, Any]:
   """Evaluates the newest checkpoint of `workdir` and writes every artifact; returns a summary."""
   config, model, variables, step, data = load_run(workdir)
-  out_dir = out_dir or os.path.join(workdir, EVAL_DIR)
+  out_dir = out_dir or rundir.eval_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
   batch_size = int(config.eval.get("batch_size", 500))
   predict_fn = predict.make_predict_fn(model, data.mean, data.std)
@@ -61,16 +59,17 @@ def evaluate_run(workdir: str, out_dir: str | None = None, with_xla: bool = True
                         labels=np.asarray(labels, np.int64))
 
   # Costs are counted on the float32 model, whatever the compute dtype of the run.
-  cost_report = costs.costs_report(run_config.build_model(config, dtype="float32"), config.model.name,
+  cost_report = costs.costs_report(models.from_config(config, dtype="float32"), config.model.name,
                                    config.dataset, with_xla=with_xla)
   with open(os.path.join(out_dir, "costs.json"), "w") as f:
     json.dump(cost_report, f, indent=2)
 
   rows = anytime.anytime_rows(probs["test"], data.test_labels, cost_report["exits"])
-  report.write_anytime(out_dir, rows)
+  meta = dict(model=config.model.name, dataset=config.dataset, step=step)
+  report.write_anytime(out_dir, rows, split="test", **meta)
   points = budget.dynamic_evaluation(probs["val"], data.val_labels, probs["test"], data.test_labels,
                                      [e["op_counter"] for e in cost_report["exits"]])
-  report.write_budgeted(out_dir, points)
+  report.write_budgeted(out_dir, points, rows, split="test", threshold_split="val", **meta)
   return {"step": step, "out_dir": out_dir, "anytime": rows, "budgeted": points}
 
 
@@ -84,50 +83,3 @@ def format_anytime(rows: list[dict[str, Any]]) -> str:
                  f"{(f'{flops:,.0f}' if flops is not None else 'n/a'):>13} {r['top1']:>7.2f} "
                  f"{r['top5']:>7.2f} {r['ece']:>6.3f}")
   return "\n".join(lines)
-
-
-def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_size: int,
-                  repeats: int) -> dict:
-  """Fits thresholds, runs early exit and the baselines, checks against the simulation."""
-  config, model, variables, step, data = load_run(workdir)
-  mean, std = np.asarray(data.mean), np.asarray(data.std)
-  predict_fn = predict.make_predict_fn(model, mean, std)
-  val_probs = predict.predict_probs(model, variables, data.val_images, mean, std, batch_size,
-                                    predict_fn=predict_fn)
-  test_probs = predict.predict_probs(model, variables, data.test_images, mean, std, batch_size,
-                                     predict_fn=predict_fn)
-  exit_costs = [c.op_counter for c in costs.exit_costs(run_config.build_model(config, dtype="float32"),
-                                                       with_xla=False)]
-  if p is None:
-    p = budget.thresholds_for_budget(val_probs, exit_costs, cost_budget)
-  thresholds = budget.fit_thresholds(val_probs, p)
-  sim_exits, sim_preds = budget.apply_thresholds(test_probs, thresholds)
-
-  preprocess = lambda images: input_pipeline.eval_batch(images, mean, std)
-  runner = inference.EarlyExitRunner(model, variables, preprocess, batch_size=batch_size)
-  runner.warmup(data.test_images)
-  result = min((runner.run(data.test_images, thresholds) for _ in range(repeats)),
-               key=lambda r: r.seconds)
-  every_exit, last_exit = inference.full_network_fns(model, preprocess)
-  t_full = inference.time_batches(every_exit, variables, data.test_images, batch_size, repeats)
-  t_last = inference.time_batches(last_exit, variables, data.test_images, batch_size, repeats)
-
-  n = len(data.test_images)
-  counts = np.bincount(result.exits - 1, minlength=model.num_exits)
-  expected_cost = float(np.dot(counts / n, exit_costs))
-  predicted = exit_costs[-1] / expected_cost
-  realised = t_full / result.seconds
-  return {
-      "workdir": workdir, "step": step, "p": int(p), "thresholds": [float(t) for t in thresholds],
-      "num_images": n, "batch_size": batch_size, "buckets": runner.buckets,
-      "exit_counts": counts.tolist(),
-      "accuracy": float(100.0 * np.mean(result.predictions == data.test_labels)),
-      "expected_cost": expected_cost, "full_cost": exit_costs[-1],
-      "early_exit_images_per_s": n / result.seconds,
-      "full_network_images_per_s": n / t_full,
-      "last_exit_images_per_s": n / t_last,
-      "speedup_vs_full": realised, "speedup_vs_last_exit": t_last / result.seconds,
-      "predicted_speedup": predicted, "realised_over_predicted": realised / predicted,
-      "matches_simulation": bool(np.array_equal(result.exits, sim_exits + 1)
-                                 and np.array_equal(result.predictions, sim_preds)),
-  }

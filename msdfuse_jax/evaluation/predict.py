@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msdfuse_jax import input_pipeline
+
+from msdfuse_jax.data import augment
 
 
 def make_predict_fn(model: Any, mean: Any, std: Any):
@@ -17,7 +18,7 @@ def make_predict_fn(model: Any, mean: Any, std: Any):
 
   @jax.jit
   def predict(variables, images):
-    logits = model.apply(variables, input_pipeline.eval_batch(images, mean, std), train=False)
+    logits = model.apply(variables, augment.eval_batch(images, mean, std), train=False)
     return jax.nn.softmax(jnp.stack(logits).astype(jnp.float32), axis=-1)
 
   return predict

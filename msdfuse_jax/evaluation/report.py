@@ -4,11 +4,15 @@ A run's evaluation directory (``WORKDIR/eval``, written by ``msdfuse-eval``) hol
 
 * ``anytime.{json,csv,png}``: one row per exit (`anytime.anytime_rows`);
 * ``budgeted.{json,csv,png}``: one point per p = 1..39 (`budget.dynamic_evaluation`);
-* ``costs.json``: the `msdfuse_jax.costs.costs_report` of the model, whose ``model`` field
-  labels the run in `plot_runs`.
+* ``costs.json``: the `msdfuse_jax.costs.costs_report` of the model.
+
+When the writer is told what it evaluated, every JSON row and point also has ``model``, ``dataset`` and
+``step`` keys, next to ``split`` (and, for budgeted points, ``threshold_split``); the figures' titles say
+the same, and `plot_runs` labels each run with them (else with ``costs.json``'s ``model``, else with the
+directory name). The budgeted figure draws each exit's anytime point beside the budgeted curve.
 
 Costs are plotted in units of 1e8, as on the axes of the MSDNet, RANet and MSDFuse papers;
-the anytime x axis is the literature ``op_counter`` convention (SPEC.md section 5).
+the x axis is the literature ``op_counter`` convention of `msdfuse_jax.costs`.
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas, never through pyplot,
 so importing this module does not change the process-wide matplotlib backend and works
 without a display.
@@ -25,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 COST_UNIT = 1e8  # the papers' axes: "FLOPs x 1e8"
 ANYTIME_COLUMNS = ("exit", "op_counter", "macs", "xla_flops", "top1", "top5", "ece")
@@ -32,8 +37,11 @@ ANYTIME_COST_KEYS = ("op_counter", "macs", "xla_flops")  # x axis: the first one
 
 PathLike = str | os.PathLike
 
-__all__ = ["COST_UNIT", "ANYTIME_COLUMNS", "budgeted_columns", "write_anytime",
-           "write_budgeted", "load_reference", "plot_runs"]
+META_KEYS = ("model", "dataset", "step")  # what a run is, added to every JSON row when known
+
+__all__ = ["COST_UNIT", "ANYTIME_COLUMNS", "META_KEYS", "budgeted_columns", "anytime_figure",
+           "budgeted_figure", "runs_figure", "write_anytime", "write_budgeted", "load_reference",
+           "plot_runs"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -81,18 +89,87 @@ def _anytime_xy(rows: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[fl
 
 
 def _style_axes(ax: Any, title: str, xlabel: str) -> None:
-  ax.set_title(title)
+  ax.set_title(title, fontsize=10)
   ax.set_xlabel(xlabel)
   ax.set_ylabel("top-1 accuracy (%)")
   ax.grid(True, alpha=0.3)
 
 
-def write_anytime(directory: PathLike, rows: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
+def _meta(model: str | None, dataset: str | None, step: int | None) -> dict[str, Any]:
+  """The `META_KEYS` that are known."""
+  step = int(step) if step is not None else None  # a checkpoint step may be a NumPy integer
+  return {k: v for k, v in zip(META_KEYS, (model, dataset, step)) if v is not None}
+
+
+def _run_label(meta: Mapping[str, Any]) -> str:
+  """``"msdfuse / cifar100 / step 5000"``, from whichever of model, dataset and step are known."""
+  parts = [str(meta[k]) for k in ("model", "dataset") if meta.get(k) is not None]
+  if meta.get("step") is not None:
+    parts.append(f"step {meta['step']}")
+  return " / ".join(parts)
+
+
+def _title(what: str, meta: Mapping[str, Any], detail: str) -> str:
+  """Two lines: what the figure shows and for which run; the split and the checkpoint."""
+  model, dataset, step = (meta.get(k) for k in META_KEYS)
+  run = " on ".join(str(v) for v in (model, dataset) if v is not None)
+  checkpoint = f", checkpoint step {step}" if step is not None else ""
+  return f"{what}{': ' + run if run else ''}\n{detail}{checkpoint}"
+
+
+def _with_meta(rows: Sequence[Mapping[str, Any]], extra: Mapping[str, Any]) -> list[dict[str, Any]]:
+  # New keys only: the existing ones are a public interface and keep their names and values.
+  return [{**row, **{k: v for k, v in extra.items() if k not in row}} for row in rows]
+
+
+def _annotate_exits(ax: Any, xs: Sequence[float], ys: Sequence[float],
+                    rows: Sequence[Mapping[str, Any]], color: str = "black") -> None:
+  for x, y, r in zip(xs, ys, rows):
+    ax.annotate(str(r["exit"]), (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7,
+                color=color)
+
+
+def _overlay_xy(rows: Sequence[Mapping[str, Any]] | None) -> tuple[list[float], list[float]] | None:
+  """The anytime points on the budgeted axes: (op_counter / 1e8, top-1), the budgeted curve's cost."""
+  if not rows or not all(_jsonable(r.get("op_counter")) is not None for r in rows):
+    return None
+  return [r["op_counter"] / COST_UNIT for r in rows], [r["top1"] for r in rows]
+
+
+def anytime_figure(rows: Sequence[Mapping[str, Any]], *, model: str | None = None,
+                   dataset: str | None = None, step: int | None = None, split: str = "test") -> Figure:
+  """The anytime figure: top-1 of every exit against its cost / 1e8, titled with the run.
+
+  Args:
+    rows: `anytime.anytime_rows` output: one dict per exit with the `ANYTIME_COLUMNS` keys.
+    model: the model's preset name; dataset: e.g. ``"cifar100"``; step: the checkpoint's step.
+      Each is left out of the title when None.
+    split: the split the accuracies were measured on.
+
+  Returns:
+    The figure (Agg canvas), not yet saved.
+  """
+  xs, ys, key = _anytime_xy(rows)
+  fig, (ax,) = _new_figure()
+  ax.plot(xs, ys, marker="o")
+  _annotate_exits(ax, xs, ys, rows)
+  meta = _meta(model, dataset, step)
+  title = _title("Anytime prediction", meta, f"top-1 on the {split} split at each exit")
+  _style_axes(ax, title, f"cost per image ({key}, x1e8)")
+  return fig
+
+
+def write_anytime(directory: PathLike, rows: Sequence[Mapping[str, Any]], *, model: str | None = None,
+                  dataset: str | None = None, step: int | None = None,
+                  split: str = "test") -> dict[str, Path]:
   """Writes ``anytime.json``, ``anytime.csv`` and ``anytime.png`` (top-1 vs cost / 1e8).
 
   Args:
     directory: output directory, created if missing.
     rows: `anytime.anytime_rows` output: one dict per exit with the `ANYTIME_COLUMNS` keys.
+    model, dataset, step: what was evaluated (see `anytime_figure`); the known ones are also added
+      to every row of ``anytime.json``, with ``split``. The CSV keeps the `ANYTIME_COLUMNS`.
+    split: the split the accuracies were measured on.
 
   Returns:
     {"json": path, "csv": path, "png": path}.
@@ -100,14 +177,9 @@ def write_anytime(directory: PathLike, rows: Sequence[Mapping[str, Any]]) -> dic
   out = Path(directory)
   out.mkdir(parents=True, exist_ok=True)
   paths = {ext: out / f"anytime.{ext}" for ext in ("json", "csv", "png")}
-  _write_json(paths["json"], list(rows))
+  _write_json(paths["json"], _with_meta(rows, {**_meta(model, dataset, step), "split": split}))
   _write_csv(paths["csv"], ANYTIME_COLUMNS, rows)
-  xs, ys, key = _anytime_xy(rows)
-  fig, (ax,) = _new_figure()
-  ax.plot(xs, ys, marker="o")
-  for x, y, r in zip(xs, ys, rows):
-    ax.annotate(str(r["exit"]), (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7)
-  _style_axes(ax, "Anytime prediction", f"cost per image ({key}, x1e8)")
+  fig = anytime_figure(rows, model=model, dataset=dataset, step=step, split=split)
   fig.savefig(paths["png"], dpi=120)
   return paths
 
@@ -119,13 +191,53 @@ def budgeted_columns(num_exits: int) -> list[str]:
           + [f"fraction_exit{k}" for k in exits] + [f"count_exit{k}" for k in exits])
 
 
-def write_budgeted(directory: PathLike, points: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
+def budgeted_figure(points: Sequence[Mapping[str, Any]],
+                    anytime_rows: Sequence[Mapping[str, Any]] | None = None, *, model: str | None = None,
+                    dataset: str | None = None, step: int | None = None, split: str = "test",
+                    threshold_split: str = "val") -> Figure:
+  """The budgeted figure: accuracy against expected cost / 1e8, each exit's anytime point beside it.
+
+  Args:
+    points: `budget.dynamic_evaluation` output (expected costs in ``op_counter``).
+    anytime_rows: `anytime.anytime_rows` output of the same model and split; each exit's top-1 is
+      drawn at its ``op_counter`` as a marker, numbered by exit. None (or rows without
+      ``op_counter``) draws the curve alone.
+    model, dataset, step: what was evaluated, each left out of the title when None.
+    split: the split the accuracies were measured on; threshold_split: the one the thresholds were
+      fitted on.
+
+  Returns:
+    The figure (Agg canvas), not yet saved.
+  """
+  fig, (ax,) = _new_figure()
+  ax.plot([pt["expected_cost"] / COST_UNIT for pt in points], [pt["accuracy"] for pt in points],
+          marker=".", label=f"budgeted: thresholds fitted on {threshold_split}")
+  overlay = _overlay_xy(anytime_rows)
+  if overlay is not None:
+    ax.plot(*overlay, linestyle="none", marker="o", markersize=7, markerfacecolor="none",
+            markeredgecolor="C1", label="single exit k (anytime)")
+    _annotate_exits(ax, *overlay, anytime_rows, color="C1")
+  _style_axes(ax, _title("Budgeted batch classification", _meta(model, dataset, step),
+                         f"top-1 on {split}, thresholds fitted on {threshold_split}"),
+              "average cost per image (op_counter, x1e8)")
+  ax.legend(fontsize=8, loc="best")
+  return fig
+
+
+def write_budgeted(directory: PathLike, points: Sequence[Mapping[str, Any]],
+                   anytime_rows: Sequence[Mapping[str, Any]] | None = None, *, model: str | None = None,
+                   dataset: str | None = None, step: int | None = None, split: str = "test",
+                   threshold_split: str = "val") -> dict[str, Path]:
   """Writes ``budgeted.json``, ``budgeted.csv`` and ``budgeted.png`` (accuracy vs expected cost).
 
   Args:
     directory: output directory, created if missing.
     points: `budget.dynamic_evaluation` output: one dict per p with `p`, `expected_cost`,
       `accuracy`, `thresholds`, `exit_counts` and `exit_fractions`.
+    anytime_rows: the anytime rows to draw beside the curve (see `budgeted_figure`).
+    model, dataset, step: what was evaluated; the known ones are also added to every point of
+      ``budgeted.json``, with ``split`` and ``threshold_split``. The CSV keeps its columns.
+    split: the split of the accuracies; threshold_split: the split the thresholds were fitted on.
 
   Returns:
     {"json": path, "csv": path, "png": path}.
@@ -135,7 +247,8 @@ def write_budgeted(directory: PathLike, points: Sequence[Mapping[str, Any]]) -> 
   out = Path(directory)
   out.mkdir(parents=True, exist_ok=True)
   paths = {ext: out / f"budgeted.{ext}" for ext in ("json", "csv", "png")}
-  _write_json(paths["json"], list(points))
+  _write_json(paths["json"], _with_meta(points, {**_meta(model, dataset, step), "split": split,
+                                                 "threshold_split": threshold_split}))
   num_exits = len(points[0]["thresholds"])
   flat = []
   for pt in points:
@@ -146,10 +259,8 @@ def write_budgeted(directory: PathLike, points: Sequence[Mapping[str, Any]]) -> 
       row[f"count_exit{k + 1}"] = pt["exit_counts"][k]
     flat.append(row)
   _write_csv(paths["csv"], budgeted_columns(num_exits), flat)
-  fig, (ax,) = _new_figure()
-  ax.plot([pt["expected_cost"] / COST_UNIT for pt in points], [pt["accuracy"] for pt in points],
-          marker=".")
-  _style_axes(ax, "Budgeted batch classification", "average cost per image (x1e8)")
+  fig = budgeted_figure(points, anytime_rows, model=model, dataset=dataset, step=step, split=split,
+                        threshold_split=threshold_split)
   fig.savefig(paths["png"], dpi=120)
   return paths
 
@@ -169,13 +280,19 @@ def _load_run(run_dir: PathLike) -> dict[str, Any]:
       "budgeted": _read_json(eval_dir / "budgeted.json", run_dir),
       "name": run_dir.resolve().name,
   }
-  run["label"] = run["name"]
+  first = run["anytime"][0] if run["anytime"] else {}
+  meta = {k: first[k] for k in META_KEYS if first.get(k) is not None}
   costs_path = eval_dir / "costs.json"
-  if costs_path.is_file():
+  if costs_path.is_file() and not {"model", "dataset"} <= set(meta):
     with open(costs_path) as f:
-      model = json.load(f).get("model")
-    if model:
-      run["label"] = str(model)
+      cost_report = json.load(f)
+    for k in ("model", "dataset"):  # eval dirs written before the rows carried them
+      if k not in meta and cost_report.get(k):
+        meta[k] = cost_report[k]
+  run["split"] = first.get("split", "test")
+  pt = run["budgeted"][0] if run["budgeted"] else {}
+  run["threshold_split"] = pt.get("threshold_split", "val")
+  run["label"] = _run_label(meta) or run["name"]
   return run
 
 
@@ -222,19 +339,21 @@ def _unique_labels(runs: list[dict[str, Any]]) -> None:
       r["label"] = f"{r['label']} ({r['name']})"
 
 
-def plot_runs(run_dirs: Sequence[PathLike], out_png: PathLike,
-              reference: PathLike | None = None) -> Path:
-  """Overlays several runs: anytime curves (left) and budgeted curves (right).
+def runs_figure(run_dirs: Sequence[PathLike], reference: PathLike | None = None) -> Figure:
+  """The `plot_runs` figure, not yet saved: anytime curves (left), budgeted curves (right).
+
+  The budgeted panel also holds every run's anytime points (open markers in the run's colour) at
+  their ``op_counter``, so that each curve can be read against the exits it chooses from.
 
   Args:
     run_dirs: run directories, each with ``eval/anytime.json`` and ``eval/budgeted.json``.
-      A run is labelled by the ``model`` field of its ``eval/costs.json`` when present,
-      else by its directory name (both, when two runs share a model name).
-    out_png: the figure to write; its directory is created if missing.
+      A run is labelled "model / dataset / step N" from the keys its JSON rows carry; for older
+      eval directories, by the ``model`` and ``dataset`` of its ``eval/costs.json``, else by its
+      directory name (and by the directory too when two runs share a label).
     reference: optional JSON of published points (see `load_reference`), drawn dashed.
 
   Returns:
-    The path of the PNG.
+    The figure (Agg canvas).
 
   Raises:
     FileNotFoundError: naming the missing file and the ``msdfuse-eval`` command to run.
@@ -246,6 +365,7 @@ def plot_runs(run_dirs: Sequence[PathLike], out_png: PathLike,
   ref = load_reference(reference) if reference is not None else {"anytime": {}, "budgeted": {}}
   fig, (ax_any, ax_bud) = _new_figure(ncols=2)
   keys = set()
+  overlaid = False
   for i, run in enumerate(runs):
     color = f"C{i}"
     xs, ys, key = _anytime_xy(run["anytime"])
@@ -254,15 +374,48 @@ def plot_runs(run_dirs: Sequence[PathLike], out_png: PathLike,
     pts = run["budgeted"]
     ax_bud.plot([p["expected_cost"] / COST_UNIT for p in pts], [p["accuracy"] for p in pts],
                 marker=".", color=color, label=run["label"])
+    overlay = _overlay_xy(run["anytime"])
+    if overlay is not None:
+      ax_bud.plot(*overlay, linestyle="none", marker="o", markersize=6, markerfacecolor="none",
+                  markeredgecolor=color)
+      overlaid = True
   offset = len(runs)
   for panel, ax in (("anytime", ax_any), ("budgeted", ax_bud)):
     for j, (name, pts) in enumerate(sorted(ref[panel].items())):
       ax.plot([c / COST_UNIT for c, _ in pts], [a for _, a in pts], linestyle="--", marker="s",
               markersize=4, color=f"C{offset + j}", label=f"{name} (reference)")
-  _style_axes(ax_any, "Anytime prediction", f"cost per image ({'/'.join(sorted(keys))}, x1e8)")
-  _style_axes(ax_bud, "Budgeted batch classification", "average cost per image (x1e8)")
-  for ax in (ax_any, ax_bud):
-    ax.legend(fontsize=8)
+  splits = "/".join(sorted({r["split"] for r in runs}))
+  fitted = "/".join(sorted({r["threshold_split"] for r in runs}))
+  _style_axes(ax_any, f"Anytime prediction\ntop-1 on {splits} at each exit",
+              f"cost per image ({'/'.join(sorted(keys))}, x1e8)")
+  _style_axes(ax_bud, f"Budgeted batch classification\ntop-1 on {splits}, thresholds fitted on {fitted}",
+              "average cost per image (op_counter, x1e8)")
+  ax_any.legend(fontsize=8)
+  handles, labels = ax_bud.get_legend_handles_labels()
+  if overlaid:  # one legend entry for every run's exit markers
+    handles.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="none",
+                          markeredgecolor="gray"))
+    labels.append("single exits (anytime)")
+  ax_bud.legend(handles, labels, fontsize=8)
+  return fig
+
+
+def plot_runs(run_dirs: Sequence[PathLike], out_png: PathLike,
+              reference: PathLike | None = None) -> Path:
+  """Overlays several runs in one PNG (see `runs_figure`).
+
+  Args:
+    run_dirs: run directories, each with ``eval/anytime.json`` and ``eval/budgeted.json``.
+    out_png: the figure to write; its directory is created if missing.
+    reference: optional JSON of published points (see `load_reference`), drawn dashed.
+
+  Returns:
+    The path of the PNG.
+
+  Raises:
+    FileNotFoundError: naming the missing file and the ``msdfuse-eval`` command to run.
+  """
+  fig = runs_figure(run_dirs, reference)
   out = Path(out_png)
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=120)

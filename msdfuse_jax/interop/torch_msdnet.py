@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from msdfuse_jax import checkpoints, run_config
+from msdfuse_jax import checkpoints, models, rundir
 from msdfuse_jax.models.msdnet import MSDNet
 
 Path = tuple[str, ...]
@@ -176,7 +176,7 @@ NON_WEIGHT_KEYS = ("input", "logits")
 
 def import_weights(config, state_dict_path: str, workdir: str) -> str:
   """Converts the weights at `state_dict_path` for `config`'s model into a run at `workdir`."""
-  model = run_config.build_model(config, dtype="float32")
+  model = models.from_config(config, dtype="float32")
   state_dict = load_state_dict_file(state_dict_path)
   for key in NON_WEIGHT_KEYS:
     state_dict.pop(key, None)
@@ -185,7 +185,7 @@ def import_weights(config, state_dict_path: str, workdir: str) -> str:
   with config.unlocked():
     # MSDNet-PyTorch normalises with fixed published statistics; evaluation must do the same.
     config.data.normalization = "published"
-  run_config.save_config(workdir, config)
+  rundir.save_config(workdir, config)
   mngr = checkpoints.manager(workdir)
   checkpoints.save(mngr, 0, {"step": 0, **variables})
   return checkpoints.checkpoint_dir(workdir)

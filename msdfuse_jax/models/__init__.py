@@ -10,7 +10,9 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from msdfuse_jax.data import sources
 from msdfuse_jax.models.base import MultiExitModule
 from msdfuse_jax.models.densenet_mc import DenseNetMC
 from msdfuse_jax.models.msdnet import MSDFuse, MSDNet
@@ -76,7 +78,8 @@ def preset_hparams(name: str) -> dict[str, Any]:
     if field.name in ("num_classes", "dtype", "parent", "name") or not field.init:
       continue
     value = hparams.get(field.name, field.default)
-    out[field.name] = list(value) if isinstance(value, tuple) else value
+    # Tuples, not lists: ml_collections can override a tuple field from the command line, not a list.
+    out[field.name] = tuple(value) if isinstance(value, list) else value
   return out
 
 
@@ -101,4 +104,21 @@ def build_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
   return model
 
 
-__all__ = ["MSDFuse", "MSDNet", "MultiExitModule", "PRESETS", "build_model", "preset_hparams", "preset_names"]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def from_config(config: Any, dtype: str | None = None) -> nn.Module:
+  """The model a run's config describes: ``config.model`` (name and fields) for ``config.dataset``.
+
+  Args:
+    config: a run config (`configs/cifar.py`, or a workdir's config.json).
+    dtype: the compute dtype's name; default ``config.model.dtype``.
+  """
+  name = dtype or config.model.get("dtype", "float32")
+  if name not in DTYPES:
+    raise ValueError(f"unknown config.model.dtype {name!r}; valid choices: {sorted(DTYPES)}")
+  fields = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "dtype")}
+  return build_model(config.model.name, sources.num_classes(config.dataset), dtype=DTYPES[name], **fields)
+
+
+__all__ = ["DTYPES", "from_config", "MSDFuse", "MSDNet", "MultiExitModule", "PRESETS", "build_model", "preset_hparams", "preset_names"]

@@ -8,7 +8,8 @@ and in `msdfuse_jax.inference` against that contract.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -43,6 +44,80 @@ def check_num_exits(num_exits: int | None, total: int) -> int:
   """Resolves `num_exits` (None = all) and raises ValueError when it is out of range."""
   if num_exits is None:
     return total
-  if not isinstance(num_exits, int) or not 1 <= num_exits <= total:
+  if isinstance(num_exits, bool) or not isinstance(num_exits, int) or not 1 <= num_exits <= total:
     raise ValueError(f"num_exits must be an integer in [1, {total}] (or None for all), got {num_exits!r}")
   return num_exits
+
+
+# --- Validation of hyper-parameters: every model's `validate` is written with these. -------------------
+
+
+def check_choice(field: str, value: Any, choices: Sequence[Any]) -> None:
+  """Raises ValueError unless `value` is one of `choices`."""
+  if value not in choices:
+    raise ValueError(f"unknown {field} {value!r}; valid choices: {list(choices)}")
+
+
+def check_positive_ints(module: nn.Module, fields: Sequence[str]) -> None:
+  """Raises ValueError unless every named field of `module` is an integer >= 1 (not a bool)."""
+  for field in fields:
+    value = getattr(module, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{field} must be a positive integer, got {value!r}")
+
+
+def check_int_sequence(field: str, values: Sequence[Any], minimum: int = 1) -> None:
+  """Raises ValueError unless `values` is a non-empty sequence of integers >= `minimum`."""
+  if (not isinstance(values, (tuple, list)) or not values
+      or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values)):
+    raise ValueError(f"{field} must be a non-empty sequence of integers >= {minimum}, got {values!r}")
+
+
+def check_bools(module: nn.Module, fields: Sequence[str]) -> None:
+  """Raises ValueError unless every named field of `module` is True or False."""
+  for field in fields:
+    value = getattr(module, field)
+    if not isinstance(value, bool):
+      raise ValueError(f"{field} must be True or False, got {value!r}")
+
+
+def check_unused(module: nn.Module, fields: Sequence[str], reason: str) -> None:
+  """A switch without effect in this configuration is an error: each named field must keep its default.
+
+  Args:
+    module: the model.
+    fields: the fields that `reason` makes irrelevant.
+    reason: why they have no effect (e.g. "stem='msdnet'"), for the message.
+  """
+  defaults = {f.name: f.default for f in dataclasses.fields(module)}
+  for field in fields:
+    value = getattr(module, field)
+    if value != defaults[field]:
+      raise ValueError(f"{field}={value!r} has no effect with {reason}; leave it at {defaults[field]!r} "
+                       "or change the setting that disables it")
+
+
+def exit_schedule(n_stages: int, n_units: int, exit_after: Sequence[int]) -> list[list[tuple[int, int]]]:
+  """Splits the (stage, unit) sequence of a chain network into the segments that end at each exit.
+
+  Unit u of every stage is followed by an exit when u is in `exit_after`; the last unit of the last stage
+  always is. Stages and units are 1-based.
+  """
+  schedule, pending = [], []
+  for s in range(1, n_stages + 1):
+    for u in range(1, n_units + 1):
+      pending.append((s, u))
+      if u in exit_after or (s == n_stages and u == n_units):
+        schedule.append(pending)
+        pending = []
+  return schedule
+
+
+def check_exit_positions(exit_after: Sequence[int], n: int, n_name: str) -> None:
+  """`exit_after` must be strictly increasing integers in [1, n - 1] (unit n has the final exit)."""
+  ok = (isinstance(exit_after, (tuple, list)) and all(isinstance(e, int) and not isinstance(e, bool)
+                                                       for e in exit_after)
+        and list(exit_after) == sorted(set(exit_after)))
+  if not ok or any(not 1 <= e < n for e in exit_after):
+    raise ValueError(f"exit_after must hold strictly increasing integers in [1, {n_name} - 1 = {n - 1}], "
+                     f"got {tuple(exit_after) if isinstance(exit_after, (tuple, list)) else exit_after!r}")

@@ -10,56 +10,44 @@ The rest is Huang et al.'s DenseNet-BC for CIFAR (2017): a 3x3 conv stem to 2k c
 layers BN-ReLU-conv1x1 (to 4k) -BN-ReLU-conv3x3 (to k) whose output is concatenated to the input;
 transitions BN-ReLU-conv1x1 (compression 0.5) -2x2 average pool between the blocks.
 
-Heads (not specified by the MSDNet paper; SPEC.md says "MSDNet-style"): by default (``head='msdnet'``) every
-exit, the final one included, is MSDNet's CIFAR head applied to the features average-pooled to 8x8
-(`layers.PooledMSDNetHead`; exactly MSDNet's head on the 8x8 maps of block 3), as in
+Heads (not specified by the MSDNet paper; MSDNet-style here, like the MSDNet presets'): by default
+(``head='msdnet'``) every exit, the final one included, is MSDNet's CIFAR head applied to the features
+average-pooled to 8x8 (`layers.PooledMSDNetHead`; exactly MSDNet's head on the 8x8 maps of block 3), as in
 `msdfuse_jax.models.resnet_mc`. ``head='pool'`` puts DenseNet's own classifier (BN-ReLU-global average
 pool-Linear) at every exit instead.
 
 Width: the papers do not give the growth rate k. k = 8 puts the cost on the published DenseNet^MC curve
 (k = 7 lies 7-29 % below it, k = 9 6-33 % above it even with pool heads; k = 12, the usual DenseNet-BC
-choice, costs about 3e8). Measured (literature convention, cumulative, `msdfuse_jax.costs.exit_costs`;
-C-100 differs only in the Linear layers):
+choice, costs about 3e8).
 
-  ====  =============  ==========  =============  ==========  ===========  ===========  =========
-  exit  ops C-10       params C-10 ops C-100      params C-100 ops, 'pool'  params,pool  published
-  ====  =============  ==========  =============  ==========  ===========  ===========  =========
-  1      23,933,194      244,970    23,944,804      256,580    22,225,546      22,762    0.21e8
-  2      58,090,004      554,596    58,113,224      577,816    53,839,604      55,460    0.64e8
-  3     106,345,246      912,062   106,380,076      946,892    99,320,750     126,878    1.03e8
-  4     120,763,432    1,297,624   120,809,872    1,344,064   110,092,872     171,672    1.16e8
-  5     140,174,642    1,710,418   140,232,692    1,768,468   126,202,394     266,498    1.27e8
-  6     147,407,420    2,133,948   147,477,080    2,203,608   129,255,372     317,340    1.30e8
-  7     154,559,302    2,583,622   154,640,572    2,664,892   131,642,046     357,846    1.31e8
-  ====  =============  ==========  =============  ==========  ===========  ===========  =========
-
-('pool' columns: CIFAR-10.) With MSDNet heads the cost is within -9 % .. +18 % of every published point (the
-8x8 heads read up to 228 channels and cost about 5 M each, which the published late increments of 0.03 and
-0.01e8 leave no room for); with pool heads within -16 % .. +6 %, and 0.5 % at the last exit.
+Per-exit costs: `msdfuse_jax/models/cost_tables.json` (checked against the code by tests/test_costs.py),
+entries ``densenet_mc`` and ``densenet_mc,head=pool`` (literature convention, cumulative; C-100 differs only
+in the Linear layers). The MSDNet paper's DenseNet^MC curve has its exits at 0.21, 0.64, 1.03, 1.16, 1.27,
+1.30 and 1.31e8. With MSDNet heads the cost is within -9 % .. +18 % of every published point (the 8x8 heads
+read up to 228 channels and cost about 5 M each, which the published late increments of 0.03 and 0.01e8 leave
+no room for); with pool heads within -16 % .. +6 %, and 0.5 % at the last exit.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msdfuse_jax.models import layers
+from msdfuse_jax.models import base, layers
 from msdfuse_jax.models.base import MultiExitModule
-from msdfuse_jax.models.resnet_mc import (HEADS, _check_exit_positions, _check_positive_ints,
-                                          _exit_schedule, baseline_head)
 
 Dtype = Any
+INIT = layers.INITS["he_fan_out"]  # He et al.'s init, zero Linear biases
 
 
-def _norm_relu(x: jax.Array, train: bool, dtype: Dtype, name: str) -> jax.Array:
+def _norm_relu(norm: Callable[..., nn.Module], x: jax.Array, train: bool, name: str) -> jax.Array:
   """Pre-activation BN -> ReLU (called inside a compact method)."""
-  x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)(x)
-  return nn.relu(x)
+  return nn.relu(norm(use_running_average=not train, name=name)(x))
 
 
 class DenseLayer(nn.Module):
@@ -67,14 +55,15 @@ class DenseLayer(nn.Module):
 
   growth_rate: int
   bottleneck_width: int
+  norm: Callable[..., nn.Module] = layers.BatchNorm
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=layers.conv_kernel_init, dtype=self.dtype)
-    y = conv(self.bottleneck_width, (1, 1), name="conv1")(_norm_relu(x, train, self.dtype, "bn1"))
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=INIT.conv, dtype=self.dtype)
+    y = conv(self.bottleneck_width, (1, 1), name="conv1")(_norm_relu(self.norm, x, train, "bn1"))
     y = conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(
-        _norm_relu(y, train, self.dtype, "bn2"))
+        _norm_relu(self.norm, y, train, "bn2"))
     return jnp.concatenate([x, y], axis=-1)
 
 
@@ -82,12 +71,13 @@ class Transition(nn.Module):
   """BN-ReLU-conv1x1 to `features` channels, then a 2x2 average pool."""
 
   features: int
+  norm: Callable[..., nn.Module] = layers.BatchNorm
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=layers.conv_kernel_init,
-                dtype=self.dtype, name="conv")(_norm_relu(x, train, self.dtype, "bn"))
+    x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=INIT.conv,
+                dtype=self.dtype, name="conv")(_norm_relu(self.norm, x, train, "bn"))
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -119,6 +109,7 @@ class DenseNetMC(MultiExitModule):
   head: str = "msdnet"
   head_width: int = 128
   head_resolution: int = 8
+  bn_unbiased_var: bool = True
   dtype: Dtype = jnp.float32
 
   @property
@@ -127,37 +118,39 @@ class DenseNetMC(MultiExitModule):
 
   def validate(self) -> None:
     """Raises ValueError naming the bad hyper-parameter and its valid choices."""
-    if self.head not in HEADS:
-      raise ValueError(f"unknown head {self.head!r}; valid choices: {list(HEADS)}")
-    _check_positive_ints(self, ("growth_rate", "n_blocks", "layers_per_block", "bottleneck_factor",
-                                "head_width", "head_resolution"))
-    if not isinstance(self.init_channels, int) or self.init_channels < 0:
+    base.check_choice("head", self.head, layers.BASELINE_HEADS)
+    base.check_positive_ints(self, ("growth_rate", "n_blocks", "layers_per_block", "bottleneck_factor",
+                                    "head_width", "head_resolution"))
+    base.check_bools(self, ("bn_unbiased_var",))
+    if (isinstance(self.init_channels, bool) or not isinstance(self.init_channels, int)
+        or self.init_channels < 0):
       raise ValueError(f"init_channels must be a non-negative integer (0: 2 * growth_rate), got "
                        f"{self.init_channels!r}")
     if not 0 < self.compression <= 1:
       raise ValueError(f"compression must lie in (0, 1], got {self.compression}")
-    _check_exit_positions(self.exit_after, self.layers_per_block, "layers_per_block")
+    base.check_exit_positions(self.exit_after, self.layers_per_block, "layers_per_block")
 
   def schedule(self) -> list[list[tuple[int, int]]]:
     """For each exit, the (block, layer) pairs (both 1-based) run since the previous exit."""
-    return _exit_schedule(self.n_blocks, self.layers_per_block, self.exit_after)
+    return base.exit_schedule(self.n_blocks, self.layers_per_block, self.exit_after)
 
   def setup(self):
     self.validate()
+    norm = layers.batch_norm(self.bn_unbiased_var, self.dtype)
     k = self.growth_rate
     channels = self.init_channels or 2 * k
     self.stem = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                        kernel_init=layers.conv_kernel_init, dtype=self.dtype)
+                        kernel_init=INIT.conv, dtype=self.dtype)
     for b in range(1, self.n_blocks + 1):
       for i in range(1, self.layers_per_block + 1):
-        setattr(self, f"block{b}_layer{i}", DenseLayer(k, self.bottleneck_factor * k, self.dtype))
+        setattr(self, f"block{b}_layer{i}", DenseLayer(k, self.bottleneck_factor * k, norm, self.dtype))
       channels += self.layers_per_block * k
       if b < self.n_blocks:
         channels = math.floor(self.compression * channels)
-        setattr(self, f"transition{b}", Transition(channels, self.dtype))
+        setattr(self, f"transition{b}", Transition(channels, norm, self.dtype))
     for e in range(1, self.num_exits + 1):
-      setattr(self, f"exit{e}", baseline_head(self.head, self.num_classes, self.head_width,
-                                              self.head_resolution, True, self.dtype))
+      setattr(self, f"exit{e}", layers.baseline_head(self.head, self.num_classes, self.head_width,
+                                                     self.head_resolution, True, norm, INIT, self.dtype))
 
   def stage(self, state: Any, k: int, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Runs the dense layers (and transitions) between exit k-1 and exit k, then exit k."""

@@ -1,27 +1,35 @@
 """Building blocks shared by every multi-exit network in the package.
 
-Every convolution here follows MSDNet-PyTorch's conventions, because exact parity with the reference
-implementations (costs, parameter counts, converted weights) depends on them:
+Every convolution here follows the PyTorch reference implementations' conventions, because exact parity
+with them (costs, parameter counts, converted weights, training steps) depends on them:
 
 * convolutions have no bias and are followed by BatchNorm and an activation;
 * padding is explicit and symmetric (``k // 2`` on every side), as in PyTorch. XLA's ``'SAME'`` padding
   would pad a stride-2 convolution on an even input asymmetrically (0 before, 1 after) and shift every
   feature map by half a pixel with respect to the PyTorch model;
-* conv kernels are initialised from N(0, sqrt(2 / (kh * kw * C_out))), BatchNorm scale 1 / bias 0;
-* BatchNorm uses PyTorch's defaults (momentum 0.1, i.e. flax momentum 0.9, and eps 1e-5).
+* `BatchNorm` is PyTorch's ``BatchNorm2d``: momentum 0.1 (``0.9`` here: the weight of the old value),
+  eps 1e-5 and, by default, running variances updated with the *unbiased* batch variance. Every model
+  builds one `norm` partial (`batch_norm`) and hands it to its layers, so these settings live here only;
+* the initial values come from an `Init` (`INITS`): MSDNet-PyTorch's model, as it actually runs, keeps
+  PyTorch's default layer initialisation ('pytorch'); its `_init_weights` (meant to set
+  N(0, sqrt(2 / (kh * kw * C_out))) kernels and zero Linear biases, 'he_fan_out') never reaches a layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Dtype = Any
+Initializer = Callable[..., jax.Array]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -29,10 +37,42 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(nn.gelu, approximate=False),
 }
 
-# N(0, sqrt(2 / (kh * kw * C_out))), untruncated, as MSDNet-PyTorch's `_init_weights`.
+# N(0, sqrt(2 / (kh * kw * C_out))), untruncated: the Lua MSDNet's and ResNet/DenseNet's He init.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# PyTorch's default nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# PyTorch's default Conv2d and Linear weight init (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+linear_kernel_init = torch_default_kernel_init
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+  """PyTorch's default Linear bias init, U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+@dataclasses.dataclass(frozen=True)
+class Init:
+  """How a network's trainable parameters start (BatchNorm always starts at scale 1, bias 0)."""
+
+  conv: Initializer  # every convolution kernel
+  zero_linear_bias: bool  # False: PyTorch's default U(+-1/sqrt(fan_in))
+
+
+INITS = {
+    "pytorch": Init(conv=torch_default_kernel_init, zero_linear_bias=False),
+    "he_fan_out": Init(conv=conv_kernel_init, zero_linear_bias=True),
+}
+
+
+def init_scheme(name: str) -> Init:
+  """The `Init` called `name`; raises ValueError listing the valid names."""
+  try:
+    return INITS[name]
+  except KeyError:
+    raise ValueError(f"unknown init {name!r}; valid choices: {sorted(INITS)}") from None
 
 
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -43,14 +83,61 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"unknown activation {name!r}; valid choices: {sorted(ACTIVATIONS)}") from None
 
 
+class BatchNorm(nn.Module):
+  """PyTorch's ``BatchNorm2d`` over the last axis, with flax's variable names (``scale``, ``bias``;
+  ``batch_stats``: ``mean``, ``var``) so that checkpoints and converted weights are unaffected.
+
+  In training mode it normalises with the biased batch variance (two-pass, in float32) and updates the
+  running statistics as ``momentum * old + (1 - momentum) * new``, where the new variance is the unbiased
+  one (``n / (n - 1)`` times the biased one, n = values per channel) when `unbiased_var` is set, as
+  PyTorch does, or the biased one, as flax's ``nn.BatchNorm`` does.
+  """
+
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  unbiased_var: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if not self.is_initializing():
+        n = x.size // features
+        new_var = var * (n / (n - 1)) if self.unbiased_var and n > 1 else var
+        ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * new_var
+    mul = scale * lax.rsqrt(var + self.epsilon)
+    y = (x.astype(jnp.float32) - mean) * mul + bias
+    return y.astype(self.dtype)
+
+
+def batch_norm(unbiased_var: bool = True, dtype: Dtype = jnp.float32) -> Callable[..., BatchNorm]:
+  """The `norm` partial a network hands to its layers: ``norm(use_running_average=..., name=...)``."""
+  return functools.partial(BatchNorm, unbiased_var=unbiased_var, dtype=dtype)
+
+
 class ConvBasic(nn.Module):
-  """conv (no bias) -> BatchNorm -> activation, with PyTorch-style symmetric padding."""
+  """conv (no bias) -> `norm` -> activation, with PyTorch-style symmetric padding."""
 
   features: int
   kernel: int = 3
   stride: int = 1
   groups: int = 1
   activation: str = "relu"
+  norm: Callable[..., nn.Module] = BatchNorm
+  kernel_init: Initializer = conv_kernel_init
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -63,13 +150,11 @@ class ConvBasic(nn.Module):
         padding=((pad, pad), (pad, pad)),
         feature_group_count=self.groups,
         use_bias=False,
-        kernel_init=conv_kernel_init,
+        kernel_init=self.kernel_init,
         dtype=self.dtype,
         name="conv",
     )(x)
-    x = nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn"
-    )(x)
+    x = self.norm(use_running_average=not train, name="bn")(x)
     return activation_fn(self.activation)(x)
 
 
@@ -84,41 +169,52 @@ class ConvBN(nn.Module):
   bottleneck: bool = True
   bn_width: int = 1
   activation: str = "relu"
+  norm: Callable[..., nn.Module] = BatchNorm
+  kernel_init: Initializer = conv_kernel_init
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    conv = functools.partial(ConvBasic, activation=self.activation, dtype=self.dtype)
+    conv = functools.partial(ConvBasic, activation=self.activation, norm=self.norm,
+                             kernel_init=self.kernel_init, dtype=self.dtype)
     if self.bottleneck:
       inner = min(x.shape[-1], self.bn_width * self.features)
       x = conv(inner, kernel=1, name="bottleneck")(x, train=train)
     return conv(self.features, kernel=3, stride=2 if self.down else 1, name="conv3x3")(x, train=train)
 
 
-def classifier_linear(num_classes: int, x: jax.Array) -> jax.Array:
+def classifier_linear(num_classes: int, x: jax.Array, zero_bias: bool = True) -> jax.Array:
   """The final Linear of a head (called inside a compact method, so it is named ``linear`` there).
 
   It runs in float32 even under bfloat16 compute: it is tiny and the loss wants float32 logits.
   """
-  return nn.Dense(num_classes, kernel_init=linear_kernel_init, name="linear")(x.astype(jnp.float32))
+  bias_init = nn.initializers.zeros if zero_bias else torch_default_bias_init(x.shape[-1])
+  return nn.Dense(num_classes, kernel_init=linear_kernel_init, bias_init=bias_init, name="linear")(
+      x.astype(jnp.float32))
 
 
-class MSDNetHead(nn.Module):
-  """MSDNet's CIFAR classifier: two 3x3 stride-2 ConvBasic to 128, 2x2 average pool, Linear.
-
-  On a map smaller than 8x8 (the efficient stem halves every scale) the two convolutions leave a 1x1 map
-  that a 2x2 pool cannot take, so a global average pool is used there instead (SPEC section 3.7).
-  """
+class Head(nn.Module):
+  """The settings every exit head takes: classes, width of its convolutions, and the network's toolkit."""
 
   num_classes: int
   width: int = 128
   activation: str = "relu"
+  norm: Callable[..., nn.Module] = BatchNorm
+  param_init: Init = INITS["he_fan_out"]
   dtype: Dtype = jnp.float32
+
+
+class MSDNetHead(Head):
+  """MSDNet's CIFAR classifier: two 3x3 stride-2 ConvBasic to 128, 2x2 average pool, Linear.
+
+  On a map smaller than 8x8 (the efficient stem halves every scale) the two convolutions leave a 1x1 map
+  that a 2x2 pool cannot take, so a global average pool is used there instead.
+  """
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     conv = functools.partial(ConvBasic, self.width, kernel=3, stride=2, activation=self.activation,
-                             dtype=self.dtype)
+                             norm=self.norm, kernel_init=self.param_init.conv, dtype=self.dtype)
     x = conv(name="conv1")(x, train=train)
     x = conv(name="conv2")(x, train=train)
     if x.shape[1] >= 2 and x.shape[2] >= 2:
@@ -126,24 +222,22 @@ class MSDNetHead(nn.Module):
     else:
       x = jnp.mean(x, axis=(1, 2), keepdims=True)
     x = x.reshape((x.shape[0], -1))
-    return classifier_linear(self.num_classes, x)
+    return classifier_linear(self.num_classes, x, self.param_init.zero_linear_bias)
 
 
-class MSDFuseHead(nn.Module):
+class MSDFuseHead(Head):
   """The MSDFuse classifier: ConvBasic 3x3 stride 2, ConvBasic 1x1, global average pool, Linear."""
 
-  num_classes: int
-  width: int = 128
   activation: str = "gelu"
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    conv = functools.partial(ConvBasic, self.width, activation=self.activation, dtype=self.dtype)
+    conv = functools.partial(ConvBasic, self.width, activation=self.activation, norm=self.norm,
+                             kernel_init=self.param_init.conv, dtype=self.dtype)
     x = conv(kernel=3, stride=2, name="conv1")(x, train=train)
     x = conv(kernel=1, name="conv2")(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
-    return classifier_linear(self.num_classes, x)
+    return classifier_linear(self.num_classes, x, self.param_init.zero_linear_bias)
 
 
 HEADS = {"msdnet": MSDNetHead, "msdfuse": MSDFuseHead}
@@ -176,8 +270,8 @@ def bilinear_resize(x: jax.Array, size: tuple[int, int], align_corners: bool) ->
   """PyTorch's ``F.interpolate(x, size=size, mode='bilinear', align_corners=...)`` on an NHWC array.
 
   Written as two gathers and a weighted sum per axis (fixed, precomputed taps) rather than with
-  `jax.image.resize`, which lowers to `dot_general`: resampling costs 0 in the literature convention
-  (SPEC.md section 5), and the jaxpr cost counter counts every `dot_general` as MACs. Resizing to the
+  `jax.image.resize`, which lowers to `dot_general`: resampling costs 0 in the literature convention,
+  and the jaxpr cost counter counts every `dot_general` as MACs. Resizing to the
   same size is the identity in both conventions and returns `x` itself.
   """
   for axis, n_out in ((2, size[1]), (1, size[0])):  # width first, then height, as PyTorch's kernel
@@ -192,7 +286,7 @@ def bilinear_resize(x: jax.Array, size: tuple[int, int], align_corners: bool) ->
   return x
 
 
-class PooledMSDNetHead(nn.Module):
+class PooledMSDNetHead(Head):
   """MSDNet's CIFAR head on a map of any size: average-pool it to `resolution` first, then `MSDNetHead`.
 
   On an 8x8 map (the default `resolution`) this is exactly `MSDNetHead` and costs the same; a 32x32 or
@@ -200,19 +294,15 @@ class PooledMSDNetHead(nn.Module):
   MSDNet and RANet. Used by the ResNet^MC / DenseNet^MC baselines, whose heads read 32x32 and 16x16 maps.
   """
 
-  num_classes: int
-  width: int = 128
   resolution: int = 8
-  activation: str = "relu"
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     factor = x.shape[1] // self.resolution
     if factor > 1:
       x = nn.avg_pool(x, (factor, factor), strides=(factor, factor))
-    return MSDNetHead(self.num_classes, self.width, self.activation, self.dtype, name="head")(
-        x, train=train)
+    return MSDNetHead(self.num_classes, self.width, self.activation, self.norm, self.param_init, self.dtype,
+                      name="head")(x, train=train)
 
 
 class GlobalPoolHead(nn.Module):
@@ -223,12 +313,23 @@ class GlobalPoolHead(nn.Module):
 
   num_classes: int
   pre_activation: bool = False
-  dtype: Dtype = jnp.float32
+  norm: Callable[..., nn.Module] = BatchNorm
+  param_init: Init = INITS["he_fan_out"]
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     if self.pre_activation:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                       name="bn")(x)
-      x = nn.relu(x)
-    return classifier_linear(self.num_classes, jnp.mean(x, axis=(1, 2)))
+      x = nn.relu(self.norm(use_running_average=not train, name="bn")(x))
+    return classifier_linear(self.num_classes, jnp.mean(x, axis=(1, 2)), self.param_init.zero_linear_bias)
+
+
+BASELINE_HEADS = ("msdnet", "pool")
+
+
+def baseline_head(kind: str, num_classes: int, width: int, resolution: int, pre_activation: bool,
+                  norm: Callable[..., nn.Module], init: Init, dtype: Dtype) -> nn.Module:
+  """The exit head of ResNet^MC / DenseNet^MC: 'msdnet' (`PooledMSDNetHead`) or 'pool'
+  (`GlobalPoolHead`, the network's own final classifier, BN-ReLU first if `pre_activation`)."""
+  if kind == "pool":
+    return GlobalPoolHead(num_classes, pre_activation, norm, init)
+  return PooledMSDNetHead(num_classes, width, norm=norm, param_init=init, dtype=dtype, resolution=resolution)

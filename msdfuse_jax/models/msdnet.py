@@ -1,7 +1,7 @@
 """MSDNet (Huang et al., ICLR 2018) and MSDFuse (Addad et al., ICCV-W 2023) as one Flax module.
 
 MSDFuse is MSDNet with four independent changes, each a field of `MSDNet` so that an ablation is one
-override away (SPEC.md section 3):
+override away:
 
 * ``stem='efficient'``: conv3x3 -> depthwise 3x3 -> 1x1 with a residual add -> depthwise 3x3 stride 2;
   the scales then run at 16/8/4 instead of 32/16/8 on CIFAR;
@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msdfuse_jax.models import layers
+from msdfuse_jax.models import base, layers
 from msdfuse_jax.models.base import MultiExitModule
 
 Dtype = Any
@@ -89,6 +89,8 @@ class MSDLayer(nn.Module):
   fusion: bool = False
   fused_transition: bool = False
   activation: str = "relu"
+  norm: Callable[..., nn.Module] = layers.BatchNorm
+  param_init: layers.Init = layers.INITS["pytorch"]
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -98,8 +100,8 @@ class MSDLayer(nn.Module):
     dropped = self.plan.in_scales > self.plan.out_scales
     # Absolute scale index -> input tensor.
     inputs = {n_scales - len(xs) + i: x for i, x in enumerate(xs)}
-    conv_bn = functools.partial(ConvBNFactory, bottleneck=self.bottleneck,
-                                activation=self.activation, dtype=self.dtype)
+    conv_bn = functools.partial(layers.ConvBN, bottleneck=self.bottleneck, activation=self.activation,
+                                norm=self.norm, kernel_init=self.param_init.conv, dtype=self.dtype)
     outputs: dict[int, jax.Array] = {}
     for s in range(offset, n_scales):
       growth = self.growth_rate * self.gr_factor[s]
@@ -122,18 +124,11 @@ class MSDLayer(nn.Module):
     if self.plan.transition_out:
       ys = [
           layers.ConvBasic(self.plan.transition_out * self.gr_factor[s], kernel=1,
-                           activation=self.activation, dtype=self.dtype,
-                           name=f"transition_scale{s + 1}")(y, train=train)
+                           activation=self.activation, norm=self.norm, kernel_init=self.param_init.conv,
+                           dtype=self.dtype, name=f"transition_scale{s + 1}")(y, train=train)
           for s, y in zip(range(offset, n_scales), ys)
       ]
     return ys
-
-
-def ConvBNFactory(features: int, *, down: bool = False, bn_width: int, bottleneck: bool,
-                  activation: str, dtype: Dtype, name: str) -> layers.ConvBN:
-  """A `layers.ConvBN` with the layer-wide settings bound (reads better than four partials)."""
-  return layers.ConvBN(features, down=down, bottleneck=bottleneck, bn_width=bn_width,
-                       activation=activation, dtype=dtype, name=name)
 
 
 class EfficientStem(nn.Module):
@@ -146,12 +141,14 @@ class EfficientStem(nn.Module):
   features: int
   pointwise_after_down: bool = False
   activation: str = "gelu"
+  norm: Callable[..., nn.Module] = layers.BatchNorm
+  param_init: layers.Init = layers.INITS["pytorch"]
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    conv = functools.partial(layers.ConvBasic, self.features, activation=self.activation,
-                             dtype=self.dtype)
+    conv = functools.partial(layers.ConvBasic, self.features, activation=self.activation, norm=self.norm,
+                             kernel_init=self.param_init.conv, dtype=self.dtype)
     x1 = conv(kernel=3, name="conv1")(x, train=train)
     x = conv(kernel=3, groups=self.features, name="conv2_dw")(x1, train=train)
     x = conv(kernel=1, name="conv3")(x, train=train)
@@ -170,21 +167,23 @@ class FirstLayer(nn.Module):
   stem: str = "msdnet"
   stem_pointwise: bool = False
   activation: str = "relu"
+  norm: Callable[..., nn.Module] = layers.BatchNorm
+  param_init: layers.Init = layers.INITS["pytorch"]
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> list[jax.Array]:
     widths = [self.n_channels * g for g in self.gr_factor]
+    conv = functools.partial(layers.ConvBasic, activation=self.activation, norm=self.norm,
+                             kernel_init=self.param_init.conv, dtype=self.dtype)
     if self.stem == "efficient":
-      x = EfficientStem(widths[0], self.stem_pointwise, self.activation, self.dtype, name="stem")(
-          x, train=train)
+      x = EfficientStem(widths[0], self.stem_pointwise, self.activation, self.norm, self.param_init, self.dtype,
+                        name="stem")(x, train=train)
     else:
-      x = layers.ConvBasic(widths[0], activation=self.activation, dtype=self.dtype,
-                           name="scale1")(x, train=train)
+      x = conv(widths[0], name="scale1")(x, train=train)
     xs = [x]
     for s in range(1, len(widths)):
-      xs.append(layers.ConvBasic(widths[s], stride=2, activation=self.activation, dtype=self.dtype,
-                                 name=f"scale{s + 1}")(xs[-1], train=train))
+      xs.append(conv(widths[s], stride=2, name=f"scale{s + 1}")(xs[-1], train=train))
     return xs
 
 
@@ -202,6 +201,8 @@ class BlockSettings:
   fusion: bool
   fused_transition: bool
   activation: str
+  norm: Callable[..., nn.Module]
+  param_init: layers.Init
   dtype: Any
 
 
@@ -217,20 +218,23 @@ class MSDBlock(nn.Module):
     net = self.net
     if self.first:
       xs = FirstLayer(net.n_channels, net.gr_factor, net.stem, net.stem_pointwise, net.activation,
-                      net.dtype, name="layer0")(xs, train=train)
+                      net.norm, net.param_init, net.dtype, name="layer0")(xs, train=train)
     for plan in self.plans:
       xs = MSDLayer(plan, net.growth_rate, net.gr_factor, net.bn_factor, net.bottleneck, net.fusion,
-                    net.fused_transition, net.activation, net.dtype, name=f"layer{plan.index}")(
-                        xs, train=train)
+                    net.fused_transition, net.activation, net.norm, net.param_init, net.dtype,
+                    name=f"layer{plan.index}")(xs, train=train)
     return xs
 
 
 class MSDNet(MultiExitModule):
   """MSDNet / MSDFuse for 32x32 inputs (CIFAR). Defaults are MSDNet-PyTorch's anytime CIFAR model.
 
-  Attributes mirror MSDNet-PyTorch's arguments (SPEC.md section 2) plus the MSDFuse switches
-  (`stem`, `stem_pointwise`, `fusion`, `fused_transition`, `head`, `activation`) and the compute `dtype`
-  (parameters always stay float32).
+  Attributes mirror MSDNet-PyTorch's arguments plus the MSDFuse switches (`stem`, `stem_pointwise`,
+  `fusion`, `fused_transition`, `head`, `activation`), the training-parity switches `weight_init` ('pytorch':
+  PyTorch's default layer init, what MSDNet-PyTorch's model actually starts from; 'he_fan_out': the
+  N(0, sqrt(2 / (k * k * C_out))) kernels and zero Linear biases its `_init_weights` was written to set)
+  and `bn_unbiased_var` (PyTorch's running-variance update), and the compute `dtype` (parameters always
+  stay float32).
   """
 
   num_classes: int = 10
@@ -252,6 +256,8 @@ class MSDNet(MultiExitModule):
   head: str = "msdnet"
   head_width: int = 128
   activation: str = "relu"
+  weight_init: str = "pytorch"
+  bn_unbiased_var: bool = True
   dtype: Dtype = jnp.float32
 
   @property
@@ -260,16 +266,22 @@ class MSDNet(MultiExitModule):
 
   def validate(self) -> None:
     """Raises ValueError naming the bad hyper-parameter and its valid choices."""
-    _check_choice("prune", self.prune, PRUNE_MODES)
-    _check_choice("stem", self.stem, STEMS)
-    _check_choice("head", self.head, tuple(layers.HEADS))
-    _check_choice("step_mode", self.step_mode, STEP_MODES)
-    layers.activation_fn(self.activation)
-    for field in ("n_blocks", "step", "base", "n_channels", "growth_rate", "head_width"):
-      value = getattr(self, field)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{field} must be a positive integer, got {value!r}")
-    if len(self.gr_factor) != len(self.bn_factor) or not self.gr_factor:
+    base.check_choice("prune", self.prune, PRUNE_MODES)
+    base.check_choice("stem", self.stem, STEMS)
+    base.check_choice("head", self.head, tuple(layers.HEADS))
+    base.check_choice("step_mode", self.step_mode, STEP_MODES)
+    base.check_choice("activation", self.activation, tuple(layers.ACTIVATIONS))
+    base.check_choice("weight_init", self.weight_init, tuple(layers.INITS))
+    base.check_positive_ints(self, ("n_blocks", "step", "base", "n_channels", "growth_rate", "head_width"))
+    base.check_bools(self, ("bottleneck", "stem_pointwise", "fusion", "fused_transition",
+                            "bn_unbiased_var"))
+    base.check_int_sequence("gr_factor", self.gr_factor)
+    base.check_int_sequence("bn_factor", self.bn_factor)
+    if self.stem != "efficient":
+      base.check_unused(self, ("stem_pointwise",), f"stem={self.stem!r} (it applies to stem='efficient')")
+    if len(self.gr_factor) == 1:
+      base.check_unused(self, ("fusion", "fused_transition"), "a single scale (len(gr_factor) == 1)")
+    if len(self.gr_factor) != len(self.bn_factor):
       raise ValueError(f"gr_factor {tuple(self.gr_factor)} and bn_factor {tuple(self.bn_factor)} must be "
                        "non-empty and of the same length (one entry per scale)")
     if any(self.growth_rate * g % 2 for g in self.gr_factor[1:]):
@@ -287,22 +299,20 @@ class MSDNet(MultiExitModule):
   def setup(self):
     self.validate()
     head = layers.HEADS[self.head]
+    norm = layers.batch_norm(self.bn_unbiased_var, self.dtype)
+    init = layers.init_scheme(self.weight_init)
     settings = BlockSettings(self.n_channels, self.growth_rate, tuple(self.gr_factor),
                              tuple(self.bn_factor), self.bottleneck, self.stem, self.stem_pointwise,
-                             self.fusion, self.fused_transition, self.activation, self.dtype)
+                             self.fusion, self.fused_transition, self.activation, norm, init, self.dtype)
     for b, plans in enumerate(self.layer_plan()):
       setattr(self, f"block{b + 1}", MSDBlock(tuple(plans), settings, first=b == 0))
-      setattr(self, f"exit{b + 1}", head(self.num_classes, self.head_width, self.activation, self.dtype))
+      setattr(self, f"exit{b + 1}", head(self.num_classes, self.head_width, self.activation, norm, init,
+                                         self.dtype))
 
   def stage(self, state: Any, k: int, *, train: bool = False) -> tuple[list[jax.Array], jax.Array]:
     """Runs block k (1-based) on `state` (the images for k = 1) and exit k on its coarsest scale."""
     xs = getattr(self, f"block{k}")(state, train=train)
     return xs, getattr(self, f"exit{k}")(xs[-1], train=train)
-
-
-def _check_choice(field: str, value: Any, choices: Sequence[Any]) -> None:
-  if value not in choices:
-    raise ValueError(f"unknown {field} {value!r}; valid choices: {list(choices)}")
 
 
 class MSDFuse(MSDNet):
@@ -311,22 +321,11 @@ class MSDFuse(MSDNet):
   The paper publishes no widths. It reports its last exit at about 0.645e8 FLOPs and its exits spread over
   0.25e8 .. 0.64e8 (literature convention). Chosen here: 8 exits (even, step 2, base 4, 18 layers),
   n_channels 66, growth_rate 8, gr_factor 1-2-4, bn_factor 1-2-4, with all four MSDFuse switches and GELU.
-  n_channels 64 (SPEC's independent estimate) puts the last exit at 61.98 M on CIFAR-10, just below the
-  62 M floor; 66 sits inside the window on both datasets. Measured with `msdfuse-costs` (op_counter,
-  cumulative, heads included; parameters cumulative):
+  n_channels 64 (an independent estimate from the paper's figures) puts the last exit at 61.98 M on CIFAR-10,
+  just below the 62 M floor; 66 sits inside the window on both datasets.
 
-  ====  ===================  ==========  ===================  ==========
-  exit  CIFAR-10 op_counter  params      CIFAR-100 op_counter params
-  ====  ===================  ==========  ===================  ==========
-  1     25,822,346           1,053,560   25,833,956           1,065,170
-  2     31,996,820           1,706,274   32,020,040           1,729,494
-  3     40,420,446           2,297,776   40,455,276           2,332,606
-  4     44,960,616           2,802,298   45,007,056           2,848,738
-  5     50,188,914           3,392,836   50,246,964           3,450,886
-  6     55,364,860           3,945,054   55,434,520           4,014,714
-  7     59,137,030           4,464,616   59,218,300           4,545,886
-  8     63,466,256           5,074,290   63,559,136           5,167,170
-  ====  ===================  ==========  ===================  ==========
+  Per-exit costs: `msdfuse_jax/models/cost_tables.json` (checked against the code by tests/test_costs.py);
+  op_counter, MACs and parameters are cumulative, the heads of earlier exits included.
   """
 
   n_blocks: int = 8

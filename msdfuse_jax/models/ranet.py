@@ -28,36 +28,13 @@ Facts ported from RANet-pytorch (models/RANet.py, be0f25a) and relied on by the 
 * the forward pass runs flow by flow, and a classifier right after its block: exit k's cumulative cost is
   everything before it in that order.
 
-Measured costs (`msdfuse_jax.costs.exit_costs`, literature convention, cumulative; equal to the reference
-`op_counter` of RANet-pytorch in /work/shared/reference/model_counts.json, every integer):
+Per-exit costs: `msdfuse_jax/models/cost_tables.json` (checked against the code by tests/test_costs.py).
+They are `msdfuse_jax.costs.exit_costs` (literature convention, cumulative) and equal, every integer, the
+reference `op_counter` of RANet-pytorch (tests/test_baselines.py compares with
+../shared/reference/model_counts.json), for both presets:
 
-``ranet_cifar`` (train_cifar.sh: step 4, even, scale list 1-2-3-3, gr 4-2-1-1, bn 4-2-1-1), 8 exits
-
-  ====  ===========  ==========  ============  ===========
-  exit  ops C-10     params C-10  ops C-100    params C-100
-  ====  ===========  ==========  ============  ===========
-  1     15,814,410     470,442    15,826,020      482,052
-  2     31,283,220   1,073,780    31,306,440    1,097,000
-  3     44,655,390   1,476,756    44,690,220    1,511,586
-  4     50,358,312   1,868,414    50,404,752    1,914,854
-  5     60,654,578   2,165,612    60,712,628    2,223,662
-  6     63,647,996   2,453,494    63,717,656    2,523,154
-  7     90,173,958   2,871,636    90,255,228    2,952,906
-  8     94,904,592   3,261,830    94,997,472    3,354,710
-  ====  ===========  ==========  ============  ===========
-
-``ranet_readme`` (README: step 2, 'lg', scale list 1-2-3, gr 4-2-1, bn 4-2-1), 6 exits
-
-  ====  ===========  ==========  ============  ===========
-  exit  ops C-10     params C-10  ops C-100    params C-100
-  ====  ===========  ==========  ============  ===========
-  1      8,360,714     347,050     8,372,324      358,660
-  2     21,765,140     876,660    21,788,360      899,880
-  3     32,844,062   1,270,165    32,878,892    1,304,995
-  4     41,523,752   1,754,271    41,570,192    1,800,711
-  5     53,225,778   2,130,143    53,283,828    2,188,193
-  6     58,921,020   2,547,601    58,990,680    2,617,261
-  ====  ===========  ==========  ============  ===========
+* ``ranet_cifar`` (train_cifar.sh: step 4, even, scale list 1-2-3-3, gr 4-2-1-1, bn 4-2-1-1), 8 exits;
+* ``ranet_readme`` (README: step 2, 'lg', scale list 1-2-3, gr 4-2-1, bn 4-2-1), 6 exits.
 """
 
 from __future__ import annotations
@@ -65,21 +42,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msdfuse_jax.models import layers
+from msdfuse_jax.models import base, layers
 from msdfuse_jax.models.base import MultiExitModule
 
 Dtype = Any
 STEP_MODES = ("even", "lg")
 
-# PyTorch's default Conv2d init (kaiming_uniform with a = sqrt(5), i.e. U(+-1/sqrt(fan_in))): RANet's
-# `_init_weights` re-initialises the flows and classifiers but not the first layer.
-torch_default_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# RANet's `_init_weights` re-initialises the flows and classifiers (He fan-out kernels, zero Linear biases)
+# but not the first layer, which keeps PyTorch's default conv init.
+INIT = layers.INITS["he_fan_out"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,26 +117,6 @@ def plan_ranet(n_blocks: int, block_step: int, step: int, step_mode: str, scale_
   return flows
 
 
-class RAConvBasic(nn.Module):
-  """conv (no bias) -> BatchNorm -> ReLU with a chosen kernel init (`layers.ConvBasic`'s parameter names)."""
-
-  features: int
-  kernel: int = 3
-  stride: int = 1
-  kernel_init: Any = layers.conv_kernel_init
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    pad = self.kernel // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=self.kernel_init,
-                dtype=self.dtype, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                     name="bn")(x)
-    return nn.relu(x)
-
-
 class RAFirstLayer(nn.Module):
   """One 3x3 ConvBasic per flow from the finest to the coarsest, stride 2 where the resolution changes.
 
@@ -169,6 +126,7 @@ class RAFirstLayer(nn.Module):
   n_channels: int
   gr_factor: Sequence[int]
   scale_list: Sequence[int]
+  norm: Callable[..., nn.Module] = layers.BatchNorm
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -178,9 +136,9 @@ class RAFirstLayer(nn.Module):
     for j in range(n_flows):  # j = 0 is the finest flow (the last one)
       f = n_flows - 1 - j
       stride = 2 if j > 0 and self.scale_list[f] != self.scale_list[f + 1] else 1
-      x = RAConvBasic(self.n_channels * self.gr_factor[f], stride=stride,
-                      kernel_init=torch_default_conv_init, dtype=self.dtype,
-                      name=f"flow{f + 1}")(x, train=train)
+      x = layers.ConvBasic(self.n_channels * self.gr_factor[f], stride=stride, norm=self.norm,
+                           kernel_init=layers.torch_default_kernel_init, dtype=self.dtype,
+                           name=f"flow{f + 1}")(x, train=train)
       outs.append(x)
     return outs[::-1]
 
@@ -193,6 +151,7 @@ class RAPlainBlock(nn.Module):
   """
 
   plan: RABlockPlan
+  norm: Callable[..., nn.Module] = layers.BatchNorm
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -200,12 +159,13 @@ class RAPlainBlock(nn.Module):
     p = self.plan
     outputs = [x]
     for i in range(p.n_layers):
-      new = layers.ConvBN(p.growth, bn_width=p.bn_width, dtype=self.dtype, name=f"layer{i + 1}")(
-          x, train=train)
+      new = layers.ConvBN(p.growth, bn_width=p.bn_width, norm=self.norm, kernel_init=INIT.conv,
+                          dtype=self.dtype, name=f"layer{i + 1}")(x, train=train)
       x = jnp.concatenate([x, new], axis=-1)
       outputs.append(x)
     if p.transition_out:
-      x = RAConvBasic(p.transition_out, kernel=1, dtype=self.dtype, name="transition")(x, train=train)
+      x = layers.ConvBasic(p.transition_out, kernel=1, norm=self.norm, kernel_init=INIT.conv,
+                           dtype=self.dtype, name="transition")(x, train=train)
     return x, outputs
 
 
@@ -218,14 +178,15 @@ class RAFusedLayer(nn.Module):
   low_bn_width: int
   down: bool = False
   align_corners: bool = True
+  norm: Callable[..., nn.Module] = layers.BatchNorm
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, low: jax.Array, *, train: bool = False) -> jax.Array:
-    own = layers.ConvBN(self.growth - self.up_features, down=self.down, bn_width=self.bn_width,
-                        dtype=self.dtype, name="conv_normal")(x, train=train)
-    up = layers.ConvBN(self.up_features, bn_width=self.low_bn_width, dtype=self.dtype,
-                       name="conv_up")(low, train=train)
+    conv_bn = functools.partial(layers.ConvBN, norm=self.norm, kernel_init=INIT.conv, dtype=self.dtype)
+    own = conv_bn(self.growth - self.up_features, down=self.down, bn_width=self.bn_width,
+                  name="conv_normal")(x, train=train)
+    up = conv_bn(self.up_features, bn_width=self.low_bn_width, name="conv_up")(low, train=train)
     size = own.shape[1:3]
     # In a stride-2 layer the dense input itself is bilinearly *down*-sampled (as RANet-pytorch does).
     resize = functools.partial(layers.bilinear_resize, size=size, align_corners=self.align_corners)
@@ -238,6 +199,7 @@ class RAFusedBlock(nn.Module):
   plan: RABlockPlan
   compress_factor: float
   align_corners: bool = True
+  norm: Callable[..., nn.Module] = layers.BatchNorm
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -248,14 +210,15 @@ class RAFusedBlock(nn.Module):
     for i in range(p.n_layers):
       x = RAFusedLayer(p.growth, math.floor(p.growth * self.compress_factor), p.bn_width, p.low_bn_width,
                        down=p.down and i == p.n_layers - 1, align_corners=self.align_corners,
-                       dtype=self.dtype, name=f"layer{i + 1}")(x, low[i], train=train)
+                       norm=self.norm, dtype=self.dtype, name=f"layer{i + 1}")(x, low[i], train=train)
       outputs.append(x)
-    last = RAConvBasic(p.last_channels, kernel=1, dtype=self.dtype, name="conv_last")(
-        low[p.n_layers], train=train)
+    conv1x1 = functools.partial(layers.ConvBasic, kernel=1, norm=self.norm, kernel_init=INIT.conv,
+                                dtype=self.dtype)
+    last = conv1x1(p.last_channels, name="conv_last")(low[p.n_layers], train=train)
     x = jnp.concatenate(
         [x, layers.bilinear_resize(last, x.shape[1:3], align_corners=self.align_corners)], axis=-1)
     if p.transition_out:
-      x = RAConvBasic(p.transition_out, kernel=1, dtype=self.dtype, name="transition")(x, train=train)
+      x = conv1x1(p.transition_out, name="transition")(x, train=train)
     return x, outputs
 
 
@@ -266,7 +229,8 @@ class RANet(MultiExitModule):
   `block_step` (extra blocks per flow), `step`, `step_mode` ('even' or 'lg'), `scale_list` (resolution
   level of each flow, 1 = lowest), `gr_factor`, `bn_factor` (per flow, lowest resolution first),
   `n_channels`, `growth_rate`, `compress_factor`, `reduction`; plus `head_width` (MSDNet's 128),
-  `align_corners` (True in RANet-pytorch) and the compute `dtype`.
+  `align_corners` (True in RANet-pytorch), `bn_unbiased_var` (PyTorch's running-variance update) and the
+  compute `dtype`.
   """
 
   num_classes: int = 10
@@ -283,6 +247,7 @@ class RANet(MultiExitModule):
   reduction: float = 0.5
   head_width: int = 128
   align_corners: bool = True
+  bn_unbiased_var: bool = True
   dtype: Dtype = jnp.float32
 
   @property
@@ -292,13 +257,12 @@ class RANet(MultiExitModule):
 
   def validate(self) -> None:
     """Raises ValueError naming the bad hyper-parameter and its valid choices."""
-    if self.step_mode not in STEP_MODES:
-      raise ValueError(f"unknown step_mode {self.step_mode!r}; valid choices: {list(STEP_MODES)}")
-    for field in ("n_blocks", "block_step", "n_channels", "growth_rate", "head_width"):
-      value = getattr(self, field)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{field} must be a positive integer, got {value!r}")
-    if not isinstance(self.step, int) or self.step < 2:
+    base.check_choice("step_mode", self.step_mode, STEP_MODES)
+    base.check_positive_ints(self, ("n_blocks", "block_step", "n_channels", "growth_rate", "head_width"))
+    base.check_bools(self, ("align_corners", "bn_unbiased_var"))
+    for field in ("scale_list", "gr_factor", "bn_factor"):
+      base.check_int_sequence(field, getattr(self, field))
+    if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 2:
       # RANet-pytorch's fused block indexes its last layer through the loop variable of the others.
       raise ValueError(f"step must be an integer >= 2 (a fused block needs 2 layers), got {self.step!r}")
     n = len(self.scale_list)
@@ -310,9 +274,6 @@ class RANet(MultiExitModule):
     if s[0] != 1 or s[-1] != 3 or any(b - a not in (0, 1) for a, b in zip(s, s[1:])) or 1 in s[1:]:
       raise ValueError(f"scale_list must start at 1, end at 3 (CIFAR: 8x8, 16x16, 32x32) and grow by 0 or "
                        f"1 per flow, with only the first flow at level 1; got {tuple(s)}")
-    if any(not isinstance(g, int) or g < 1 for g in (*self.gr_factor, *self.bn_factor)):
-      raise ValueError(f"gr_factor and bn_factor must hold positive integers, got "
-                       f"{tuple(self.gr_factor)}, {tuple(self.bn_factor)}")
     if not 0 < self.compress_factor < 1:
       raise ValueError(f"compress_factor must lie in (0, 1), got {self.compress_factor}")
     if n > 1 and any(math.floor(self.growth_rate * g * self.compress_factor) < 1 for g in self.gr_factor[1:]):
@@ -341,20 +302,21 @@ class RANet(MultiExitModule):
 
   def setup(self):
     self.validate()
-    self.first_layer = RAFirstLayer(self.n_channels, tuple(self.gr_factor), tuple(self.scale_list),
+    norm = layers.batch_norm(self.bn_unbiased_var, self.dtype)
+    self.first_layer = RAFirstLayer(self.n_channels, tuple(self.gr_factor), tuple(self.scale_list), norm,
                                     self.dtype)
     k = 0
     for flow in self.plan():
       for p in flow:
         if p.fused:
-          block = RAFusedBlock(p, self.compress_factor, self.align_corners, self.dtype)
+          block = RAFusedBlock(p, self.compress_factor, self.align_corners, norm, self.dtype)
         else:
-          block = RAPlainBlock(p, self.dtype)
+          block = RAPlainBlock(p, norm, self.dtype)
         setattr(self, f"flow{p.flow + 1}_block{p.index}", block)
         if p.has_exit:
           k += 1
-          setattr(self, f"exit{k}", layers.MSDNetHead(self.num_classes, self.head_width, "relu",
-                                                      self.dtype))
+          setattr(self, f"exit{k}", layers.MSDNetHead(self.num_classes, self.head_width, "relu", norm,
+                                                      INIT, self.dtype))
 
   def stage(self, state: Any, k: int, *, train: bool = False) -> tuple[dict[str, Any], jax.Array]:
     """Runs the blocks between exit k-1 and exit k (1-based) in RANet's order, then exit k.

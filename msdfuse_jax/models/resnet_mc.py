@@ -9,62 +9,43 @@ and 3 strided, and a parameter-free identity shortcut where the shape changes (o
 zero-pad the channels; ``shortcut='conv'`` gives option B, a 1x1 conv + BN projection).
 1 + 3 * 10 * 2 + 1 = 62 layers.
 
-Heads (not specified by the MSDNet paper; SPEC.md says "MSDNet-style"): by default (``head='msdnet'``) every
-exit, the final one included, is MSDNet's CIFAR head (ConvBasic 3x3/2 -> 128, ConvBasic 3x3/2 -> 128, 2x2
-average pool, Linear) applied to the block output average-pooled to 8x8 (`layers.PooledMSDNetHead`): window
-and stride 4 on 32x32 maps, 2 on 16x16 maps, nothing on 8x8 maps, where the head is exactly MSDNet's.
-Feeding a 32x32 map to the strided head directly would cost 14 M ops per head, far off the published curve.
-``head='pool'`` puts the ResNet's own classifier (global average pool -> Linear) at every exit instead.
+Heads (not specified by the MSDNet paper; MSDNet-style here, like the MSDNet presets'): by default
+(``head='msdnet'``) every exit, the final one included, is MSDNet's CIFAR head (ConvBasic 3x3/2 -> 128,
+ConvBasic 3x3/2 -> 128, 2x2 average pool, Linear) applied to the block output average-pooled to 8x8
+(`layers.PooledMSDNetHead`): window and stride 4 on 32x32 maps, 2 on 16x16 maps, nothing on 8x8 maps, where
+the head is exactly MSDNet's. Feeding a 32x32 map to the strided head directly would cost 14 M ops per head,
+far off the published curve. ``head='pool'`` puts the ResNet's own classifier (global average pool -> Linear)
+at every exit instead.
 
-Widths: He et al.'s 16/32/64 (the MSDNet paper gives none). Measured (literature convention, cumulative,
-`msdfuse_jax.costs.exit_costs`; C-100 differs only in the Linear layers) against the MSDNet paper's
-ResNet^MC curve:
+Widths: He et al.'s 16/32/64 (the MSDNet paper gives none).
 
-  ====  =============  ==========  =============  ==========  ===========  ===========  =========
-  exit  ops C-10       params C-10 ops C-100      params C-100 ops, 'pool'  params,pool  published
-  ====  =============  ==========  =============  ==========  ===========  ===========  =========
-  1      20,369,674      186,842    20,381,284      198,452    19,480,746      19,322    0.08e8
-  2      40,280,596      373,220    40,303,816      396,440    38,502,740      38,180    0.28e8
-  3      68,735,774      638,318    68,770,604      673,148    65,774,238     117,486    0.56e8
-  4      88,867,880      898,680    88,914,320      945,120    84,722,664     192,056    0.76e8
-  5     117,839,154    1,436,290   117,897,204    1,494,340   111,924,850     507,330    1.04e8
-  6     138,520,124    1,955,212   138,589,784    2,024,872   130,836,732     803,916    1.23e8
-  7     149,747,526    2,326,166   149,828,796    2,407,436   140,295,046     952,534    1.33e8
-  ====  =============  ==========  =============  ==========  ===========  ===========  =========
-
-('pool' columns: CIFAR-10.) The increments between exits, 0.199, 0.285, 0.201, 0.290, 0.207, 0.112 e8
-(MSDNet heads) or 0.190, 0.273, 0.189, 0.272, 0.189, 0.095 e8 (pool heads), match the published ones, 0.20,
-0.28, 0.20, 0.28, 0.19, 0.10, which these widths reproduce; the absolute values sit about 0.1e8 above the
-published ones. No network of this description can reach the published first point: exit 1 (stem + 4 blocks
-+ head) costs more than exit 2 - exit 1 (4 identical blocks + an identical head), whereas the published
-curve has 0.08 < 0.20. Narrower widths would shrink the increments rather than the offset (widths 15/30/60
-give 0.18 ... 1.325e8 with MSDNet heads).
+Per-exit costs: `msdfuse_jax/models/cost_tables.json` (checked against the code by tests/test_costs.py),
+entries ``resnet_mc`` and ``resnet_mc,head=pool`` (literature convention, cumulative; C-100 differs only in
+the Linear layers). The MSDNet paper's ResNet^MC curve has its exits at 0.08, 0.28, 0.56, 0.76, 1.04, 1.23 and
+1.33e8. The increments between exits, 0.199, 0.285, 0.201, 0.290, 0.207, 0.112 e8 (MSDNet heads) or 0.190,
+0.273, 0.189, 0.272, 0.189, 0.095 e8 (pool heads), match the published ones, 0.20, 0.28, 0.20, 0.28, 0.19,
+0.10, which these widths reproduce; the absolute values sit about 0.1e8 above the published ones. No network
+of this description can reach the published first point: exit 1 (stem + 4 blocks + head) costs more than
+exit 2 - exit 1 (4 identical blocks + an identical head), whereas the published curve has 0.08 < 0.20.
+Narrower widths would shrink the increments rather than the offset (widths 15/30/60 give 0.18 ... 1.325e8
+with MSDNet heads).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msdfuse_jax.models import layers
+from msdfuse_jax.models import base, layers
 from msdfuse_jax.models.base import MultiExitModule
 
 Dtype = Any
 SHORTCUTS = ("pad", "conv")
-HEADS = ("msdnet", "pool")
-
-
-def baseline_head(kind: str, num_classes: int, width: int, resolution: int, pre_activation: bool,
-                  dtype: Dtype) -> nn.Module:
-  """The exit head of ResNet^MC / DenseNet^MC: 'msdnet' (`layers.PooledMSDNetHead`) or 'pool'
-  (`layers.GlobalPoolHead`, the network's own final classifier, BN-ReLU first if `pre_activation`)."""
-  if kind == "pool":
-    return layers.GlobalPoolHead(num_classes, pre_activation, dtype)
-  return layers.PooledMSDNetHead(num_classes, width, resolution, dtype=dtype)
+INIT = layers.INITS["he_fan_out"]  # He et al.'s init, zero Linear biases
 
 
 class BasicBlock(nn.Module):
@@ -73,20 +54,20 @@ class BasicBlock(nn.Module):
   features: int
   stride: int = 1
   shortcut: str = "pad"
+  norm: Callable[..., nn.Module] = layers.BatchNorm
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     conv = functools.partial(nn.Conv, self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                             kernel_init=layers.conv_kernel_init, dtype=self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype)
+                             kernel_init=INIT.conv, dtype=self.dtype)
+    norm = functools.partial(self.norm, use_running_average=not train)
     y = nn.relu(norm(name="bn1")(conv(strides=(self.stride, self.stride), name="conv1")(x)))
     y = norm(name="bn2")(conv(name="conv2")(y))
     if self.stride != 1 or x.shape[-1] != self.features:
       if self.shortcut == "conv":
         x = nn.Conv(self.features, (1, 1), strides=(self.stride, self.stride), use_bias=False,
-                    kernel_init=layers.conv_kernel_init, dtype=self.dtype, name="shortcut_conv")(x)
+                    kernel_init=INIT.conv, dtype=self.dtype, name="shortcut_conv")(x)
         x = norm(name="shortcut_bn")(x)
       else:  # option A: subsample, zero-pad the new channels (no parameters, no cost)
         x = x[:, ::self.stride, ::self.stride, :]
@@ -118,6 +99,7 @@ class ResNetMC(MultiExitModule):
   head: str = "msdnet"
   head_width: int = 128
   head_resolution: int = 8
+  bn_unbiased_var: bool = True
   dtype: Dtype = jnp.float32
 
   @property
@@ -126,32 +108,31 @@ class ResNetMC(MultiExitModule):
 
   def validate(self) -> None:
     """Raises ValueError naming the bad hyper-parameter and its valid choices."""
-    if self.shortcut not in SHORTCUTS:
-      raise ValueError(f"unknown shortcut {self.shortcut!r}; valid choices: {list(SHORTCUTS)}")
-    if self.head not in HEADS:
-      raise ValueError(f"unknown head {self.head!r}; valid choices: {list(HEADS)}")
-    _check_positive_ints(self, ("blocks_per_stage", "head_width", "head_resolution"))
-    if not self.widths or any(not isinstance(w, int) or w < 1 for w in self.widths):
-      raise ValueError(f"widths must be a non-empty sequence of positive integers, got {self.widths!r}")
+    base.check_choice("shortcut", self.shortcut, SHORTCUTS)
+    base.check_choice("head", self.head, layers.BASELINE_HEADS)
+    base.check_positive_ints(self, ("blocks_per_stage", "head_width", "head_resolution"))
+    base.check_bools(self, ("bn_unbiased_var",))
+    base.check_int_sequence("widths", self.widths)
     if any(b < a for a, b in zip(self.widths, self.widths[1:])):
       raise ValueError(f"widths must be non-decreasing (the 'pad' shortcut only adds channels), got "
                        f"{tuple(self.widths)}")
-    _check_exit_positions(self.exit_after, self.blocks_per_stage, "blocks_per_stage")
+    base.check_exit_positions(self.exit_after, self.blocks_per_stage, "blocks_per_stage")
 
   def schedule(self) -> list[list[tuple[int, int]]]:
     """For each exit, the (resolution, block) pairs (both 1-based) run since the previous exit."""
-    return _exit_schedule(len(self.widths), self.blocks_per_stage, self.exit_after)
+    return base.exit_schedule(len(self.widths), self.blocks_per_stage, self.exit_after)
 
   def setup(self):
     self.validate()
-    self.stem = layers.ConvBasic(self.widths[0], dtype=self.dtype)
+    norm = layers.batch_norm(self.bn_unbiased_var, self.dtype)
+    self.stem = layers.ConvBasic(self.widths[0], norm=norm, kernel_init=INIT.conv, dtype=self.dtype)
     for s, width in enumerate(self.widths, start=1):
       for b in range(1, self.blocks_per_stage + 1):
         stride = 2 if s > 1 and b == 1 else 1
-        setattr(self, f"stage{s}_block{b}", BasicBlock(width, stride, self.shortcut, self.dtype))
+        setattr(self, f"stage{s}_block{b}", BasicBlock(width, stride, self.shortcut, norm, self.dtype))
     for k in range(1, self.num_exits + 1):
-      setattr(self, f"exit{k}", baseline_head(self.head, self.num_classes, self.head_width,
-                                              self.head_resolution, False, self.dtype))
+      setattr(self, f"exit{k}", layers.baseline_head(self.head, self.num_classes, self.head_width,
+                                                     self.head_resolution, False, norm, INIT, self.dtype))
 
   def stage(self, state: Any, k: int, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Runs the residual blocks between exit k-1 and exit k (the stem too for k = 1), then exit k."""
@@ -159,30 +140,3 @@ class ResNetMC(MultiExitModule):
     for s, b in self.schedule()[k - 1]:
       x = getattr(self, f"stage{s}_block{b}")(x, train=train)
     return x, getattr(self, f"exit{k}")(x, train=train)
-
-
-def _check_positive_ints(module: nn.Module, fields: Sequence[str]) -> None:
-  for field in fields:
-    value = getattr(module, field)
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{field} must be a positive integer, got {value!r}")
-
-
-def _check_exit_positions(exit_after: Sequence[int], n: int, n_name: str) -> None:
-  """`exit_after` must be strictly increasing integers in [1, n - 1] (n has the final exit)."""
-  ok = all(isinstance(e, int) for e in exit_after) and list(exit_after) == sorted(set(exit_after))
-  if not ok or any(not 1 <= e < n for e in exit_after):
-    raise ValueError(f"exit_after must hold strictly increasing integers in [1, {n_name} - 1 = {n - 1}], "
-                     f"got {tuple(exit_after)}")
-
-
-def _exit_schedule(n_stages: int, n_units: int, exit_after: Sequence[int]) -> list[list[tuple[int, int]]]:
-  """Splits the (stage, unit) sequence into the segments that end at each exit."""
-  schedule, pending = [], []
-  for s in range(1, n_stages + 1):
-    for u in range(1, n_units + 1):
-      pending.append((s, u))
-      if u in exit_after or (s == n_stages and u == n_units):
-        schedule.append(pending)
-        pending = []
-  return schedule

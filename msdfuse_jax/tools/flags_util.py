@@ -2,18 +2,96 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging as logging_std
 import os
+import re
 import sys
+from typing import Any, Sequence
 
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 
-def define_config_flag() -> None:
-  """``--config=configs/cifar.py:dataset=cifar10,model=...`` plus ``--config.field=value`` overrides."""
+def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
+                       sys_argv: Sequence[str] | None = None) -> None:
+  """``--config=configs/cifar.py:dataset=cifar10,model=...`` plus ``--config.field=value`` overrides.
+
+  Args:
+    flag_values: where to define it (the global FLAGS for the tools; a fresh FlagValues in tests).
+    sys_argv: the command line that overrides are read from (default: sys.argv at parse time).
+  """
   config_flags.DEFINE_config_file("config", None, "Config file and its argument, e.g. "
-                                  "configs/cifar.py:dataset=cifar100,model=msdfuse", lock_config=True)
+                                  "configs/cifar.py:dataset=cifar100,model=msdfuse", lock_config=True,
+                                  flag_values=flag_values, sys_argv=sys_argv)
+
+
+def _load_config_file(spec: str) -> Any:
+  """The config that ``--config=PATH[:ARG]`` names (for error messages only)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_msdfuse_config_for_errors", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def describe_override_error(argv: Sequence[str]) -> str | None:
+  """A one-line message naming the first ``--config.a.b=...`` override whose field does not exist and the
+  valid fields of the sub-dict it names; None when every override names a field."""
+  spec = next((a.split("=", 1)[1] for a in argv if re.match(r"^--?config=", a)), None)
+  if spec is None:
+    return None
+  try:
+    config = _load_config_file(spec)
+  except Exception:  # the config file itself is broken: let ml_collections say so  # pylint: disable=broad-except
+    return None
+  for arg in argv:
+    match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    if not match:
+      continue
+    node, where = config, "config"
+    for key in match.group(1).split("."):
+      fields = sorted(node.keys()) if hasattr(node, "keys") else None
+      if fields is None:
+        return (f"unknown config field config.{match.group(1)}: {where} is a {type(node).__name__}, not a "
+                "sub-dict with fields")
+      if key not in fields:
+        return f"unknown config field config.{match.group(1)}; valid fields of {where}: {', '.join(fields)}"
+      node, where = node[key], f"{where}.{key}"
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error (exit status 2) for an override of a field that does not
+  exist, in place of ml_collections' traceback. Pass it to ``app.run(main, flags_parser=parse_flags)``."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    fail(describe_override_error(argv) or f"bad --config override: {e}")
+  return []  # not reached
+
+
+def run_tool(main) -> None:
+  """``app.run(main)`` with the tools' flag parsing (`parse_flags`): the body of every tool's ``run()``."""
+  app.run(main, flags_parser=parse_flags)
+
+
+def config_or_fail(example: str = "configs/cifar.py:dataset=cifar100,model=msdfuse") -> Any:
+  """The parsed ``--config``, or a one-line error saying it is required."""
+  config = flags.FLAGS.config
+  if config is None:
+    fail(f"--config is required, e.g. --config={example}")
+  return config
+
+
+def print_report(text: str, report: dict[str, Any], json_path: str | None) -> None:
+  """Prints a tool's table and, when asked (``--json=FILE``), writes the same figures as JSON."""
+  print(text)
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {json_path}")
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
@@ -45,6 +123,3 @@ def fail(message: str) -> None:
   """Exits with a one-line error instead of a traceback."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
-
-
-FLAGS = flags.FLAGS

@@ -12,7 +12,6 @@ is off unless --compilation_cache, so that compile times are real.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
@@ -21,10 +20,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from msdfuse_jax import parallel, run_config, train
+from msdfuse_jax import models, parallel, train, xla_flags
+from msdfuse_jax.data import sources
 from msdfuse_jax import metrics as metrics_lib
+from msdfuse_jax import optim
 from msdfuse_jax import train_state as ts
 from msdfuse_jax.tools import flags_util
 
@@ -36,7 +37,7 @@ flags.DEFINE_integer("eval_steps", 5, "Timed eval steps.")
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 flags.DEFINE_bool("compilation_cache", False, "Use the persistent compilation cache (a faster start, but "
                   "compile_s then measures loading from the cache, not compiling).")
-flags.DEFINE_bool("tuned_cpu_flags", True, "Add parallel.CPU_XLA_FLAGS (the XLA:CPU settings measured "
+flags.DEFINE_bool("tuned_cpu_flags", True, "Add xla_flags.CPU_XLA_FLAGS (the XLA:CPU settings measured "
                   "fastest for these models) to XLA_FLAGS, except flags already set there.")
 FLAGS = flags.FLAGS
 
@@ -58,8 +59,9 @@ def _timed(fn, *args) -> tuple[Any, float]:
 def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_size: int, steps: int = 10,
               eval_steps: int = 5) -> dict[str, Any]:
   """Measures the train and eval steps of `config`'s model; returns the figures as a dict."""
-  model = run_config.build_model(config)
-  num_classes = run_config.num_classes(config)
+  baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the imports (TF via clu)
+  model = models.from_config(config)
+  num_classes = sources.num_classes(config.dataset)
   train_cfg = ml_collections.ConfigDict(config.train.to_dict())
   train_cfg.batch_size, train_cfg.num_steps = batch_size, steps + 1
   rng = np.random.default_rng(0)
@@ -67,8 +69,8 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   images = rng.integers(0, 256, (n, *ts.IMAGE_SHAPE), dtype=np.uint8)
   labels = rng.integers(0, num_classes, (n,), dtype=np.int32)
   plan = train.make_plan(train_cfg, n)
-  schedule = ts.learning_rate_schedule(config.optim, plan.steps_per_epoch, plan.total_steps)
-  tx = ts.create_optimizer(config.optim, schedule)
+  schedule = optim.learning_rate_schedule(config.optim, plan.steps_per_epoch, plan.total_steps)
+  tx = optim.create_optimizer(config.optim, schedule)
   weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
   mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
   p_train_step, p_eval_step = train.make_steps(model, tx, config.aug, plan, weights, mean, std, num_classes)
@@ -89,7 +91,7 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   step_s = (time.perf_counter() - t0) / steps
   step_cpu_s = (time.process_time() - c0) / steps
 
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = state.variables
   batch = next(parallel.eval_batches(images[:eval_batch_size], labels[:eval_batch_size], eval_batch_size,
                                      eval_batch_size * jax.process_count()))
   batch = parallel.shard(batch)
@@ -110,7 +112,7 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
       # The first call compiles and runs once; subtracting one steady step leaves the compile (and
       # dispatch set-up) time.
       "compile_s": max(first - step_s, 0.0), "eval_compile_s": max(eval_first - eval_s, 0.0),
-      "peak_memory_mb": peak_mb, "peak_memory_source": peak_source,
+      "peak_memory_mb": peak_mb, "peak_memory_source": peak_source, "rss_before_mb": baseline_mb,
       # CPU seconds of this process per step (all threads), and the 1-minute load average before the
       # timed steps: on a shared machine, a load above the core count means the wall-clock figures
       # above are contended.
@@ -128,7 +130,8 @@ def format_report(report: dict[str, Any]) -> str:
       f"({1000 * report['train_step_s']:.1f} ms/step)  compile {report['compile_s']:.1f} s",
       f"eval:  batch {report['eval_batch_size']:5d}  {report['eval_images_per_s']:9.1f} images/s  "
       f"({1000 * report['eval_step_s']:.1f} ms/step)  compile {report['eval_compile_s']:.1f} s",
-      f"peak memory: {report['peak_memory_mb']:.0f} MB ({report['peak_memory_source']})",
+      f"peak memory: {report['peak_memory_mb']:.0f} MB ({report['peak_memory_source']}; the process held "
+      f"{report['rss_before_mb']:.0f} MB before building anything)",
       f"CPU time per step: train {report['train_cpu_s_per_step']:.3f} s, eval "
       f"{report['eval_cpu_s_per_step']:.3f} s; load average {report['load_average']:.2f} on "
       f"{report['cpu_count']} CPUs; XLA_FLAGS={report['xla_flags']!r}",
@@ -137,15 +140,12 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv) -> None:
   del argv
-  if FLAGS.config is None:
-    flags_util.fail("--config is required, e.g. --config=configs/cifar.py:dataset=cifar100,"
-                    "model=msdnet_anytime7")
   if FLAGS.tuned_cpu_flags:
-    parallel.use_fast_cpu_flags()  # read when the backend starts, i.e. below
+    xla_flags.use_fast_cpu_flags()  # read when the backend starts, i.e. below
   if FLAGS.compilation_cache:
     flags_util.enable_compilation_cache()
   flags_util.quiet_library_logs()
-  config = FLAGS.config
+  config = flags_util.config_or_fail("configs/cifar.py:dataset=cifar100,model=msdnet_anytime7")
   batch_size = FLAGS.batch_size or config.train.batch_size
   eval_batch_size = FLAGS.eval_batch_size or config.eval.batch_size
   if FLAGS.steps < 1 or FLAGS.eval_steps < 1:
@@ -154,15 +154,11 @@ def main(argv) -> None:
     report = benchmark(config, batch_size, eval_batch_size, FLAGS.steps, FLAGS.eval_steps)
   except (ValueError, train.ConfigError) as e:
     flags_util.fail(str(e))
-  print(format_report(report))
-  if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(report, f, indent=2)
-    print(f"wrote {FLAGS.json}")
+  flags_util.print_report(format_report(report), report, FLAGS.json)
 
 
 def run() -> None:
-  app.run(main)
+  flags_util.run_tool(main)
 
 
 if __name__ == "__main__":

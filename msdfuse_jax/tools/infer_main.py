@@ -1,6 +1,6 @@
 """msdfuse-infer: real early-exit inference on the test set, timed against the full network.
 
-  msdfuse-infer --workdir=DIR --p=P          # P in 1..39, the budgeted curve's points
+  msdfuse-infer --workdir=DIR --p=P          # P in 1..39 (budget.NUM_BUDGET_POINTS), the curve's points
   msdfuse-infer --workdir=DIR --budget=COST  # the largest validation budget <= COST (op_counter units)
 
 Thresholds are fitted on the run's validation split exactly as in `msdfuse-eval`. The test set is then
@@ -12,17 +12,18 @@ predictions and exits equal the simulated budgeted evaluation's. Writes ``DIR/ev
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
 
-from msdfuse_jax import checkpoints, input_pipeline
-from msdfuse_jax.evaluation import evaluate
+from msdfuse_jax import checkpoints, inference, rundir
+from msdfuse_jax.data import sources
+from msdfuse_jax.evaluation import budget
 from msdfuse_jax.tools import flags_util
 
 flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
-flags.DEFINE_integer("p", None, "Budget point p in 1..39 (q = p/20), as in the budgeted curve.")
+flags.DEFINE_integer("p", None, f"Budget point p in 1..{budget.NUM_BUDGET_POINTS} (q = p/20), as in the "
+                     "budgeted curve.")
 flags.DEFINE_float("budget", None, "Average cost per image (literature op_counter units), instead of --p.")
 flags.DEFINE_integer("batch_size", 256, "Images per batch (the largest bucket).")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
@@ -34,19 +35,17 @@ def main(argv) -> None:
   if not FLAGS.workdir:
     flags_util.fail("--workdir is required: the directory of a training run")
   if (FLAGS.p is None) == (FLAGS.budget is None):
-    flags_util.fail("give exactly one of --p (1..39) or --budget (average cost per image)")
-  if FLAGS.p is not None and not 1 <= FLAGS.p <= 39:
-    flags_util.fail(f"--p must lie in 1..39, got {FLAGS.p}")
+    flags_util.fail(f"give exactly one of --p (1..{budget.NUM_BUDGET_POINTS}) or --budget (average cost per "
+                    "image)")
+  if FLAGS.p is not None and not 1 <= FLAGS.p <= budget.NUM_BUDGET_POINTS:
+    flags_util.fail(f"--p must lie in 1..{budget.NUM_BUDGET_POINTS}, got {FLAGS.p}")
   flags_util.enable_compilation_cache()
   flags_util.quiet_library_logs()
   try:
-    out = evaluate.run_inference(FLAGS.workdir, FLAGS.p, FLAGS.budget, FLAGS.batch_size, FLAGS.repeats)
-  except (FileNotFoundError, ValueError, checkpoints.CheckpointError, input_pipeline.DataError) as e:
+    out = inference.run_inference(FLAGS.workdir, FLAGS.p, FLAGS.budget, FLAGS.batch_size, FLAGS.repeats)
+  except (FileNotFoundError, ValueError, checkpoints.CheckpointError, sources.DataError) as e:
     flags_util.fail(str(e))
-  os.makedirs(os.path.join(FLAGS.workdir, evaluate.EVAL_DIR), exist_ok=True)
-  path = os.path.join(FLAGS.workdir, evaluate.EVAL_DIR, "infer.json")
-  with open(path, "w") as f:
-    json.dump(out, f, indent=2)
+  path = rundir.write_json(os.path.join(rundir.eval_dir(FLAGS.workdir), rundir.INFER_FILE), out)
   print(f"p={out['p']}: {out['num_images']} test images, exits per stage {out['exit_counts']}, "
         f"accuracy {out['accuracy']:.2f} %")
   print(f"expected cost {out['expected_cost']:,.0f} of {out['full_cost']:,} (predicted speedup "

@@ -9,11 +9,10 @@ optionally writes it as JSON: ``{"model", "dataset", "backend", "exits": [{"exit
 
 from __future__ import annotations
 
-import json
 
-from absl import app, flags
+from absl import flags
 
-from msdfuse_jax import costs, run_config
+from msdfuse_jax import costs, models
 from msdfuse_jax.tools import flags_util
 
 flags_util.define_config_flag()
@@ -24,23 +23,17 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
   del argv
-  if FLAGS.config is None:
-    flags_util.fail("--config is required, e.g. --config=configs/cifar.py:dataset=cifar10,model=msdfuse")
-  config = FLAGS.config
+  config = flags_util.config_or_fail()
   try:
-    model = run_config.build_model(config, dtype="float32")  # costs are counted at float32
+    model = models.from_config(config, dtype="float32")  # costs are counted at float32
   except ValueError as e:
     flags_util.fail(str(e))
   report = costs.costs_report(model, config.model.name, config.dataset, with_xla=FLAGS.xla)
-  print(costs.format_table(report))
-  if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(report, f, indent=2)
-    print(f"wrote {FLAGS.json}")
+  flags_util.print_report(costs.format_table(report), report, FLAGS.json)
 
 
 def run() -> None:
-  app.run(main)
+  flags_util.run_tool(main)
 
 
 if __name__ == "__main__":

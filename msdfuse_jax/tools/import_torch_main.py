@@ -10,7 +10,7 @@ which `msdfuse-eval`, `msdfuse-infer` and `msdfuse-train` (as initial weights) l
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from msdfuse_jax.interop import torch_msdnet
 from msdfuse_jax.tools import flags_util
@@ -34,7 +34,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  app.run(main)
+  flags_util.run_tool(main)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from msdfuse_jax import checkpoints, input_pipeline
+from msdfuse_jax import checkpoints
+from msdfuse_jax.data import sources
 from msdfuse_jax.evaluation import evaluate
 from msdfuse_jax.tools import flags_util
 
@@ -28,12 +29,12 @@ def main(argv) -> None:
   flags_util.quiet_library_logs()
   try:
     summary = evaluate.evaluate_run(FLAGS.workdir, FLAGS.out_dir, with_xla=FLAGS.xla)
-  except (FileNotFoundError, ValueError, checkpoints.CheckpointError, input_pipeline.DataError) as e:
+  except (FileNotFoundError, ValueError, checkpoints.CheckpointError, sources.DataError) as e:
     flags_util.fail(str(e))
   print(f"checkpoint step {summary['step']}; anytime prediction on the test set:")
   print(evaluate.format_anytime(summary["anytime"]))
   best = max(summary["budgeted"], key=lambda p: p["accuracy"])
-  print(f"budgeted: 39 points, expected cost {summary['budgeted'][0]['expected_cost']:,.0f} .. "
+  print(f"budgeted: {len(summary['budgeted'])} points, expected cost {summary['budgeted'][0]['expected_cost']:,.0f} .. "
         f"{summary['budgeted'][-1]['expected_cost']:,.0f}; best accuracy {best['accuracy']:.2f} % at "
         f"p={best['p']}")
   print(f"wrote {summary['out_dir']}")

@@ -9,16 +9,23 @@ unknown model, impossible batch layout) is reported in one line, with status 2.
 
 from __future__ import annotations
 
-import sys
+# Before anything slow is imported (JAX, TensorFlow through clu): a SIGTERM that arrives while the run
+# starts then stops it cleanly instead of killing it silently.
+from msdfuse_jax import preemption  # pylint: disable=g-bad-import-order
 
-from absl import app, flags, logging
+preemption.install()
 
-from msdfuse_jax import checkpoints, input_pipeline, parallel, train
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from msdfuse_jax import checkpoints, parallel, train, xla_flags
+from msdfuse_jax.data import sources
 from msdfuse_jax.tools import flags_util
 
 flags_util.define_config_flag()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and the resolved config.")
-flags.DEFINE_bool("tuned_cpu_flags", True, "Add parallel.CPU_XLA_FLAGS (the XLA:CPU settings measured "
+flags.DEFINE_bool("tuned_cpu_flags", True, "Add xla_flags.CPU_XLA_FLAGS (the XLA:CPU settings measured "
                   "fastest for these models) to XLA_FLAGS, except flags already set there.")
 FLAGS = flags.FLAGS
 
@@ -26,18 +33,17 @@ FLAGS = flags.FLAGS
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if FLAGS.config is None:
-    flags_util.fail("--config is required, e.g. --config=configs/cifar.py:dataset=cifar100,model=msdfuse")
+  config = flags_util.config_or_fail()
   if not FLAGS.workdir:
     flags_util.fail("--workdir is required: the directory for checkpoints, logs and the resolved config")
   if FLAGS.tuned_cpu_flags:
-    parallel.use_fast_cpu_flags()  # read when the backend starts, i.e. below
+    xla_flags.use_fast_cpu_flags()  # read when the backend starts, i.e. below
   # Before anything touches a device: a multi-host run must join the cluster first.
-  parallel.maybe_initialize_distributed(FLAGS.config.train.distributed)
+  parallel.maybe_initialize_distributed(config.train.distributed)
   flags_util.enable_compilation_cache()
   flags_util.quiet_library_logs()
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)
   except train.Preempted as e:
     logging.warning("%s", e)
     print(f"preempted: {e}", file=sys.stderr)
@@ -45,12 +51,12 @@ def main(argv) -> None:
   except train.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
-  except (input_pipeline.DataError, train.ConfigError, checkpoints.CheckpointError) as e:
+  except (sources.DataError, train.ConfigError, checkpoints.CheckpointError) as e:
     flags_util.fail(str(e))
 
 
 def run() -> None:
-  app.run(main)
+  flags_util.run_tool(main)
 
 
 if __name__ == "__main__":
