@@ -6,7 +6,7 @@ with a key derived from (seed, step, shard) and takes one SGD step, so the only 
 host and devices is the dispatch itself, and a resumed run sees exactly the batches, augmentations and
 updates of an uninterrupted one.
 
-The loop around it: clu metric writers (TensorBoard and the log), periodic evaluation of every exit on the
+The loop around it: TensorBoard summaries (`msdfuse_jax.summaries`, no TensorFlow needed) and progress lines, periodic evaluation of every exit on the
 validation split and the test set, orbax checkpoints (periodic, at the end, and on SIGTERM at the next step
 boundary), automatic resumption, and a clear stop on a non-finite loss.
 """
@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from jax import lax
 
-from msdfuse_jax import checkpoints, models, parallel, preemption as preemption_lib, rundir
+from msdfuse_jax import checkpoints, models, parallel, preemption as preemption_lib, rundir, summaries
 from msdfuse_jax.data import augment, cifar
 from msdfuse_jax import metrics as metrics_lib
 from msdfuse_jax import optim
@@ -316,7 +315,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   eval_every = config.train.eval_every_steps if config.train.eval_every_steps > 0 else plan.steps_per_epoch
   ckpt_every = config.train.checkpoint_every_steps
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = summaries.ScalarWriter(workdir, enabled=jax.process_index() == 0)
   mngr = checkpoints.manager(workdir, max_to_keep=config.train.keep_checkpoints)
   state = parallel.replicate(state)
   loop = _Loop(plan, schedule, weights, writer, mngr, start)
@@ -353,7 +352,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                         f"in {checkpoints.checkpoint_dir(workdir)}; run the same command to resume")
     loop.write_final(workdir, plan.total_steps)
   finally:
-    writer.flush()
+    writer.close()
     mngr.close()
   return jax.tree.map(jnp.asarray, parallel.unreplicate(state))
 

@@ -349,7 +349,12 @@ def read_tfds(dataset: str, data_dir: str | None, manual_dir: str | None,
     DataError: if the dataset is neither prepared nor preparable offline.
   """
   spec = dataset_spec(dataset)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(f"the tfds data source needs TensorFlow and TFDS ({e}): pip install tensorflow-cpu "
+                    "tensorflow-datasets, or read the official archive with --config.data.source=archive "
+                    "--config.data.path=PATH") from None
 
   builder = tfds.builder(dataset, data_dir=data_dir or None)
   if not builder.is_prepared():
