@@ -1,7 +1,7 @@
 """Records a literal torch transcription of the budgeted reference: the fixture of tests/test_budget_torch.py.
 
 `reference_dynamic_evaluation` below is MSDNet-PyTorch's `dynamic_eval_find_threshold` +
-`dynamic_eval_with_threshold` (SPEC.md section 8), step by step, one sample at a time, on torch float32
+`dynamic_eval_with_threshold`, step by step, one sample at a time, on torch float32
 tensors. It is the project's only torch transcription of that algorithm: tests/test_budget_torch.py runs it
 live against `msdfuse_jax.evaluation.budget` when torch is installed, and without torch compares `budget`
 with what this script stored. Regenerate the fixture by hand, with torch installed, after changing
@@ -43,7 +43,7 @@ CASES = ((7, 500, 300, 10, 0), (5, 517, 1017, 100, 1), (11, 500, 200, 10, 2), (3
 
 
 def reference_dynamic_evaluation(val_probs, val_labels, test_probs, test_labels, costs):
-  """The reference's steps, one sample at a time, on torch float32 tensors (SPEC.md section 8)."""
+  """The reference's steps, one sample at a time, on torch float32 tensors."""
   import torch  # pylint: disable=import-outside-toplevel  (the cases and fixture format need no torch)
 
   val_probs, test_probs = torch.from_numpy(val_probs), torch.from_numpy(test_probs)

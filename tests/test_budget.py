@@ -1,4 +1,4 @@
-"""Tests for msdfuse_jax.evaluation.budget (SPEC.md section 8)."""
+"""Tests for msdfuse_jax.evaluation.budget."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Budgeted batch classification ("dynamic evaluation"), SPEC.md section 8.
+"""Budgeted batch classification ("dynamic evaluation"), as in MSDNet's reference `adaptive_inference.py`.
 
 A port of the semantics of MSDNet-PyTorch `adaptive_inference.py`
 (`dynamic_eval_find_threshold` / `dynamic_eval_with_threshold`), vectorised in numpy:
@@ -262,7 +262,7 @@ def _expected_cost(counts: np.ndarray, num_samples: int, costs: np.ndarray) -> f
 
 def dynamic_evaluation(val_probs: Any, val_labels: Any, test_probs: Any, test_labels: Any,
                        costs: Sequence[float]) -> list[dict[str, Any]]:
-  """Budgeted batch classification curve: one point per p = 1..39 (SPEC.md section 8).
+  """Budgeted batch classification curve: one point per p = 1..39 (the reference's budget points).
 
   Args:
     val_probs: (K, N_val, C) per-exit softmax probabilities of the validation set, on

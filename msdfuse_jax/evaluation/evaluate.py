@@ -6,7 +6,7 @@ Writes into ``WORKDIR/eval/``:
 * ``costs.json``: `msdfuse_jax.costs.costs_report` of the model;
 * ``anytime.{json,csv,png}`` and ``budgeted.{json,csv,png}`` (see `msdfuse_jax.evaluation.report`).
 
-The validation images are not augmented (SPEC.md section 6); ``config.eval.augment_val=True`` applies the
+The validation images are not augmented (the MSDNet protocol); ``config.eval.augment_val=True`` applies the
 training crop and flip to them, which reproduces the reference code's threshold fitting.
 """
 
