@@ -3,7 +3,7 @@
 Run by hand, with torch installed (the checked-in fixture was made with torch 2.13.0, CPU build, one thread):
 
   python experiments/torch_step_parity.py --msdnet_pytorch=/tmp/MSDNet-PyTorch \
-      --out=tests/fixtures/step_parity.npz
+      --out=../shared/reference/step_parity.npz
 
 ``--msdnet_pytorch`` is a checkout of kalviny/MSDNet-PyTorch; its ``models/msdnet.py`` is imported from there
 (nothing of it is copied here). The model is the ``msdnet_tiny`` preset's architecture (3 blocks of 2 layers,
@@ -78,7 +78,8 @@ CASES = {
 def parse_args() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--msdnet_pytorch", required=True, help="checkout of kalviny/MSDNet-PyTorch")
-  p.add_argument("--out", default=str(REPO / "tests" / "fixtures" / "step_parity.npz"))
+  p.add_argument("--out", default=str(REPO.parent / "shared" / "reference" / "step_parity.npz"),
+                 help="the fixture; it belongs in ../shared/reference, beside the other reference files")
   p.add_argument("--data", default=str(DEFAULT_DATA), help="cifar-10-python(-subset).tar.gz")
   p.add_argument("--steps", type=int, default=5, help="K, steps recorded")
   p.add_argument("--total_steps", type=int, default=10, help="T, the length of the cosine schedule")

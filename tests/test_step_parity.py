@@ -1,6 +1,7 @@
 """Training-step parity with MSDNet-PyTorch: this project's train step against torch.optim.SGD, step by step.
 
-The fixture ``tests/fixtures/step_parity.npz`` is made by ``experiments/torch_step_parity.py`` (by hand, with
+The fixture ``../shared/reference/step_parity.npz`` (2.7 MB: data lives in ../shared, not in the repository) is
+made by ``experiments/torch_step_parity.py`` (by hand, with
 torch and an MSDNet-PyTorch checkout; see its docstring): the ``msdnet_tiny`` architecture built by
 MSDNet-PyTorch's own ``MSDNet`` class, its initial state_dict, K = 5 fixed un-augmented CIFAR-10 batches of
 16, and, for every step, what PyTorch SGD (``model.train()``, loss = sum over exits of the batch-mean
@@ -58,12 +59,13 @@ from configs import cifar
 from msdfuse_jax import metrics, models, parallel, train
 from msdfuse_jax import train_state as ts
 from msdfuse_jax.interop import torch_msdnet
+from tests.conftest import SHARED
 
 from msdfuse_jax import optim as optim_lib
 
 # MSDFUSE_STEP_PARITY_FIXTURE: another fixture, e.g. one made with --head_width=128 (the unmodified heads).
 FIXTURE = pathlib.Path(os.environ.get("MSDFUSE_STEP_PARITY_FIXTURE") or
-                       pathlib.Path(__file__).resolve().parent / "fixtures" / "step_parity.npz")
+                       SHARED / "reference" / "step_parity.npz")
 CASES = ("sgd_decay_all", "nesterov_decay_nd")
 # About a minute on a 2-core CPU, half of it compiling the pmapped step once per optimiser.
 pytestmark = pytest.mark.slow
@@ -232,7 +234,8 @@ class Fixture:
 @pytest.fixture(scope="module")
 def fixture():
   if not FIXTURE.exists():
-    pytest.skip(f"{FIXTURE} not found; make it with experiments/torch_step_parity.py")
+    pytest.skip(f"{FIXTURE} not found: it belongs in ../shared/reference (make it with "
+                "experiments/torch_step_parity.py --out=...)")
   if jax.device_count() != 1:  # the fixture's BatchNorm statistics are over one batch of 16
     pytest.skip(f"step parity runs on one device; this process has {jax.device_count()}")
   fx = Fixture(FIXTURE)
