@@ -75,6 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.split_seed = 0  # seed of the validation permutation
   config.data.train_includes_val = False  # True: train on all 50,000 (anytime); False: 45,000 (budgeted)
   config.data.normalization = "train"  # train: mean/std of the training images; published: MSDNet's
+  # device: the whole training set on every device, batches gathered inside the step (fastest for CIFAR);
+  # stream: this process's batches read on the host (grain) and prefetched to the devices (any size).
+  config.data.pipeline = "device"
   config.data.allow_download = False  # let TFDS download CIFAR when it is not prepared (needs internet)
 
   # crop_padding: zero padding before the random 32x32 crop; flip: horizontal flip with p = 0.5;
@@ -99,7 +102,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.eval_every_steps = -1  # <= 0: once per epoch and at the end
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3
-  config.train.distributed = False  # call jax.distributed.initialize() (multi-host TPU/GPU slices)
+  config.train.distributed = False  # join a multi-process run (jax.distributed.initialize) before training
+  # Override JAX's cluster detection (TPU VM, SLURM, Open MPI, ...) when set; needed elsewhere, e.g. two
+  # GPU machines or several processes on one: process 0's host:port, the process count, this process's id.
+  config.train.coordinator_address = ""
+  config.train.num_processes = 0  # 0: detected
+  config.train.process_id = -1  # -1: detected
   config.train.num_shards = 0  # batch shards (BatchNorm, Mixup units); 0: 1 per device; set: any device count
 
   config.eval = ml_collections.ConfigDict()

@@ -61,7 +61,8 @@ def set_aside(workdir: str, step: int) -> str:
 
 
 def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None, step: int | None = None,
-            *, set_aside_unreadable: bool = False) -> tuple[int, dict[str, Any]] | None:
+            *, set_aside_unreadable: bool = False, mngr: ocp.CheckpointManager | None = None
+            ) -> tuple[int, dict[str, Any]] | None:
   """Restores the newest readable checkpoint (or `step`); None when the workdir has none.
 
   Each checkpoint is read once: its metadata says which entries it holds, and the arrays are restored
@@ -74,14 +75,19 @@ def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None,
     step: a specific step; None for the newest readable one.
     set_aside_unreadable: once an older step has been read, move the unreadable newer ones out of the
       way (training, which will save those steps again) instead of only skipping them (evaluation,
-      which leaves the workdir as it is). Nothing is moved when no step can be read.
+      which leaves the workdir as it is). Nothing is moved when no step can be read. With several
+      processes, process 0 moves them and the others wait for it.
+    mngr: the run's own manager (training: every process of a multi-process run must make the same
+      orbax calls in the same order, so the restore goes through the manager that will save); None opens
+      a read-only one.
 
   Raises:
     CheckpointError: when there are checkpoints but none of them can be read.
   """
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    return None
-  mngr = manager(workdir, max_to_keep=None, read_only=True)
+  if mngr is None:
+    if not os.path.isdir(checkpoint_dir(workdir)):
+      return None
+    mngr = manager(workdir, max_to_keep=None, read_only=True)
   steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
   errors, unreadable = [], []
   for s in steps:
@@ -100,10 +106,15 @@ def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None,
     if unreadable:
       logging.warning("using checkpoint step %s of %s (newer steps %s are unreadable)", s,
                       checkpoint_dir(workdir), unreadable)
-    if set_aside_unreadable:
-      for bad in unreadable:
-        logging.warning("moved unreadable checkpoint step %s to %s; the run will save that step anew",
-                        bad, set_aside(workdir, bad))
+    if set_aside_unreadable and unreadable:
+      if jax.process_index() == 0:
+        for bad in unreadable:
+          logging.warning("moved unreadable checkpoint step %s to %s; the run will save that step anew",
+                          bad, set_aside(workdir, bad))
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices("msdfuse_jax:set_aside_unreadable")
+      mngr.reload()
     return int(s), restored["state"]
   if errors:
     raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)}: " + "; ".join(errors)

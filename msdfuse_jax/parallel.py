@@ -1,39 +1,107 @@
-"""Data parallelism in one place: multi-host start-up, replication, sharding and the pmap itself.
+"""Data parallelism in one place: multi-process start-up, the global mesh, shardings and the SPMD steps.
 
-Training is data-parallel with `jax.pmap` over all local devices (and, after
-`jax.distributed.initialize`, over every host). The global batch is cut into `num_shards` equal *shards*;
-each device runs `num_shards / device_count` of them. A shard is the unit of BatchNorm statistics and of
-Mixup/CutMix pairing, so fixing ``config.train.num_shards`` makes a run compute the same thing on 1 device
-or on N (up to float summation order). A later move to `jit` with shardings touches this file only.
+Every device of every process is one position of a 1-D `jax.sharding.Mesh` with axis `AXIS`. The train
+and eval steps are ``jax.jit(jax.shard_map(per_device_fn, mesh, ...))``: each device runs the same code on
+its part of the batch, with explicit `lax.pmean`/`lax.psum` over `AXIS`, and parameters, optimiser state
+and (in the ``device`` input pipeline) the training set are replicated (``P()``). Batches are global
+`jax.Array` s put together from every process's local part (`batch`).
+
+The global batch is cut into ``num_shards`` equal *shards*; device d of the mesh runs shards
+``d * S, ..., d * S + S - 1`` with ``S = num_shards / device_count``, so process p holds a contiguous block
+of shards (`process_shards`). A shard is the unit of BatchNorm statistics and of Mixup/CutMix pairing, so
+fixing ``config.train.num_shards`` makes a run compute the same thing on 1 device, on N devices and on N
+processes (up to float summation order).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-AXIS = "batch"  # the pmap axis name every collective of the train and eval steps reduces over
+AXIS = "data"  # the mesh axis every collective of the train and eval steps reduces over
 
 
-def maybe_initialize_distributed(requested: bool) -> None:
-  """Calls `jax.distributed.initialize()` when the config asks or the environment names a coordinator.
+class DistributedError(RuntimeError):
+  """The processes of a multi-process run could not be started (or were started inconsistently)."""
 
-  Must run before anything touches a device. On a TPU VM slice the coordinator, process count and index
-  are discovered automatically; elsewhere set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID`` (read by JAX itself).
+
+def maybe_initialize_distributed(train: Any) -> None:
+  """Joins the processes of a multi-process run (`jax.distributed.initialize`) when the config asks.
+
+  ``train`` is ``config.train``. With
+  ``distributed=True`` and no other field set, JAX detects the cluster (TPU VM slice, SLURM, Open MPI,
+  mpi4py, Kubernetes). Elsewhere, or to override the detection, set ``coordinator_address`` (``host:port``
+  of process 0), ``num_processes`` and ``process_id``. CPU processes talk through the gloo collectives.
+  Must run before anything touches a device; a second call does nothing.
+
+  Raises:
+    DistributedError: the fields are inconsistent or the processes could not meet.
   """
-  if not (requested or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+  requested = bool(train.get("distributed", False))
+  address = train.get("coordinator_address", "") or ""
+  count = int(train.get("num_processes", 0) or 0)
+  index = int(train.get("process_id", -1))
+  if not requested:
+    if address or count or index >= 0:
+      raise DistributedError("config.train.coordinator_address/num_processes/process_id are set but "
+                             "config.train.distributed is False; add --config.train.distributed=True")
     return
   if jax.distributed.is_initialized():
     return
-  jax.distributed.initialize()
+  if (count > 0) != (index >= 0):
+    raise DistributedError("set both config.train.num_processes and config.train.process_id (or "
+                           "neither, to let JAX detect the cluster)")
+  if count > 0 and not 0 <= index < count:
+    raise DistributedError(f"config.train.process_id={index} must be in [0, "
+                           f"config.train.num_processes={count})")
+  if count > 0 and not address:
+    raise DistributedError("config.train.num_processes is set without config.train.coordinator_address "
+                           "(host:port of process 0, the same for every process)")
+  # Our own SIGTERM handling (msdfuse_jax.preemption) agrees on the stopping step inside the train step;
+  # JAX's preemption service would replace the process's SIGTERM handler with its own.
+  jax.config.update("jax_enable_preemption_service", False)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if address:
+    kwargs["coordinator_address"] = address
+  if count > 0:
+    kwargs.update(num_processes=count, process_id=index)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DistributedError(
+        f"jax.distributed.initialize failed ({first[:300]}). Outside a detected cluster set "
+        "config.train.coordinator_address=HOST:PORT (process 0's address, the same for every process), "
+        "config.train.num_processes and a different config.train.process_id per process, and start "
+        "every process") from None
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+@functools.cache
+def _mesh(devices: tuple[Any, ...]) -> jax.sharding.Mesh:
+  return jax.sharding.Mesh(np.array(devices), (AXIS,))
+
+
+def mesh() -> jax.sharding.Mesh:
+  """The global 1-D mesh of every device of every process, in `jax.devices()` order."""
+  return _mesh(tuple(jax.devices()))
+
+
+def replicated() -> NamedSharding:
+  return NamedSharding(mesh(), P())
+
+
+def split() -> NamedSharding:
+  """The leading axis split over the mesh (each device one contiguous block)."""
+  return NamedSharding(mesh(), P(AXIS))
 
 
 def num_shards(requested: int) -> int:
@@ -51,60 +119,71 @@ def num_shards(requested: int) -> int:
   return requested
 
 
-def local_shard_ids(shards: int) -> tuple[np.ndarray, np.ndarray]:
-  """This process's shards, as (local, global) int32 arrays of shape (local devices, shards per device).
-
-  Local ids index the process's share of the data; global ids key the augmentation randomness.
-  """
-  per_device = shards // jax.device_count()
-  local = np.arange(jax.local_device_count() * per_device, dtype=np.int32)
-  offset = jax.process_index() * len(local)
-  local = local.reshape(jax.local_device_count(), per_device)
-  return local, local + np.int32(offset)
-
-
-def _local_mesh_sharding() -> jax.sharding.NamedSharding:
-  # The leading axis over the local devices, named like the pmap axis: that is the sharding pmap gives its
-  # outputs, so the state fed back into the next step has the sharding of the first one. Any other (a mesh
-  # axis named otherwise) makes the second call trace and compile the whole step again.
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+def process_shards(shards: int) -> range:
+  """The global shard indices whose data this process supplies (a contiguous block, in order)."""
+  index_map = split().addressable_devices_indices_map((shards,))
+  blocks = sorted(slc[0].indices(shards)[:2] for slc in index_map.values())
+  first, last = blocks[0][0], blocks[-1][1]
+  if sum(b - a for a, b in blocks) != last - first:  # a mesh whose local devices are not adjacent
+    raise ValueError(f"this process's devices hold shards {blocks} of {shards}, not one block")
+  return range(first, last)
 
 
 def replicate(tree: Any) -> Any:
-  """Copies every array of `tree` to every local device (a leading axis of size local_device_count)."""
-  n = jax.local_device_count()
-  sharding = _local_mesh_sharding()
-  return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding),
-                      tree)
+  """Host values (the same in every process) as global arrays replicated on every device (``P()``)."""
+  sharding = replicated()
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree)
 
 
-def shard(tree: Any) -> Any:
-  """Puts arrays whose leading axis is local_device_count on the local devices, one slice each."""
-  sharding = _local_mesh_sharding()
-  return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+def batch(tree: Any) -> Any:
+  """This process's part of a batch (leading axis: its devices' blocks, in mesh order) as global arrays
+  split over the mesh; every process passes the same shapes."""
+  sharding = split()
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
-def unreplicate(tree: Any) -> Any:
-  """The first device's copy of a replicated pytree, as host numpy arrays (no cross-device gather)."""
+def to_host(tree: Any) -> Any:
+  """Host numpy copies of replicated arrays (this process's first copy: no communication)."""
   def first(x):
     if isinstance(x, jax.Array):
-      return np.asarray(x.addressable_shards[0].data)[0]
-    return np.asarray(x)[0]
+      return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x)
   return jax.tree.map(first, tree)
 
 
-def pmap(fn: Callable[..., Any], *, donate_argnums: tuple[int, ...] = ()) -> Callable[..., Any]:
-  """`jax.pmap` over every device with the module's axis name (all arguments mapped over devices)."""
-  return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
+def stop_votes(requested: bool) -> jax.Array:
+  """Every device's vote to stop (1 where its process was asked to), for the train step to sum."""
+  return batch(np.full(jax.local_device_count(), int(requested), np.int32))
+
+
+def spmd(fn: Callable[..., Any], in_specs: tuple[Any, ...], out_specs: Any, *,
+         donate_argnums: tuple[int, ...] = ()) -> Callable[..., Any]:
+  """``jax.jit`` of ``jax.shard_map(fn)`` over the global mesh: `fn` is the per-device program.
+
+  `fn` reduces over devices itself (``lax.pmean``/``lax.psum`` over `AXIS`), exactly as a pmapped program
+  does, so the replication checker is off: with it on, the gradient with respect to replicated parameters
+  would already be summed over devices (the transpose of their implicit broadcast), and the explicit
+  mean on top would scale it by the device count.
+  """
+  return jax.jit(jax.shard_map(fn, mesh=mesh(), in_specs=in_specs, out_specs=out_specs, check_vma=False),
+                 donate_argnums=donate_argnums)
+
+
+def device_shards(per_device: int) -> jax.Array:
+  """Inside an `spmd` function: the global indices of the shards this device runs."""
+  return jax.lax.axis_index(AXIS) * per_device + jax.numpy.arange(per_device, dtype=np.int32)
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, total: int
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """Per-device batches of this process's share of an eval set, the last one padded and masked.
+  """This process's parts of the batches of an eval set, the last one padded and masked (for `batch`).
 
   Every process yields the same number of batches (the collectives in the eval step need that), based on
-  the largest share. Shapes: image (local devices, b, H, W, C), label and mask (local devices, b), with
+  the largest share. Shapes: image (local devices * b, H, W, C), label and mask (local devices * b), with
   ``b = ceil(batch_size / device_count)``.
 
   Args:
@@ -113,9 +192,8 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, total:
     batch_size: the global eval batch size.
     total: the size of the whole eval set (over all processes).
   """
-  local = jax.local_device_count()
   per_device = max(1, math.ceil(batch_size / jax.device_count()))
-  per_process = per_device * local
+  per_process = per_device * jax.local_device_count()
   largest_share = math.ceil(total / jax.process_count())
   for start in range(0, max(largest_share, 1), per_process):
     x, y = images[start:start + per_process], labels[start:start + per_process]
@@ -123,5 +201,4 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, total:
     mask = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
     x = np.concatenate([x, np.zeros((pad, *images.shape[1:]), images.dtype)])
     y = np.concatenate([y, np.zeros(pad, labels.dtype)])
-    yield {"image": x.reshape(local, per_device, *images.shape[1:]),
-           "label": y.reshape(local, per_device), "mask": mask.reshape(local, per_device)}
+    yield {"image": x, "label": y, "mask": mask}

@@ -4,9 +4,10 @@
 that arrives while the run starts (data loading, initialisation, compilation) is remembered too, and the
 run stops at the first point where it can say so cleanly. This module imports the standard library only.
 
-Several processes: every host must stop at the same step, so JAX's preemption service (started by
-`jax.distributed.initialize`) picks the step and `multihost_utils.reached_preemption_sync_point` reports it
-on every host.
+Several processes: every process must stop after the same step. Each one votes with every train step it
+dispatches (``reached``); the step sums the votes over all devices, and the loop stops every process after
+the step that follows the first non-zero sum (see `msdfuse_jax.train`). JAX's own preemption service,
+which would replace this SIGTERM handler, is switched off by `parallel.maybe_initialize_distributed`.
 """
 
 from __future__ import annotations
@@ -67,9 +68,6 @@ class Preemption:
     return requested()
 
   def reached(self, step: int) -> bool:
-    """Whether to save and stop now, after `step` steps (call it at every step, on every host)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      return multihost_utils.reached_preemption_sync_point(step) or requested()
+    """Whether this process asks to save and stop after `step` steps (called at every step)."""
+    del step
     return requested()

@@ -1,18 +1,23 @@
 """Training a multi-exit classifier on CIFAR: `train_and_evaluate(config, workdir)`.
 
-Data flow: this process's share of the training set is put on every local device once, as uint8 (CIFAR is
-150 MB). The compiled step gathers its own batch from a permutation derived from (seed, epoch), augments it
-with a key derived from (seed, step, shard) and takes one SGD step, so the only per-step traffic between
-host and devices is the dispatch itself, and a resumed run sees exactly the batches, augmentations and
-updates of an uninterrupted one.
+Data flow: every step trains on the global batch that `data.order` assigns to (seed, step), cut into
+``num_shards`` shards; device d of the global mesh (`parallel`) runs its block of shards, and process p
+supplies the shards of its devices. Two input pipelines (``config.data.pipeline``) deliver them:
+``device`` puts the training set on every device once, as uint8 (CIFAR is 150 MB), and the compiled step
+gathers its own shards; ``stream`` (`data.stream`) reads each process's shards on the host with grain and
+prefetches them to its devices. Either way the step augments with a key derived from (seed, step, shard)
+and takes one SGD step, so a run computes the same thing on any number of devices and processes, and a
+resumed run sees exactly the batches, augmentations and updates of an uninterrupted one.
 
-The loop around it: TensorBoard summaries (`msdfuse_jax.summaries`, no TensorFlow needed) and progress lines, periodic evaluation of every exit on the
-validation split and the test set, orbax checkpoints (periodic, at the end, and on SIGTERM at the next step
-boundary), automatic resumption, and a clear stop on a non-finite loss.
+The loop around it: TensorBoard summaries (`msdfuse_jax.summaries`, no TensorFlow needed) and progress
+lines (process 0), periodic evaluation of every exit on the validation split and the test set, orbax
+checkpoints (periodic, at the end, and on SIGTERM at the next step boundary, agreed by every process),
+automatic resumption, and a clear stop on a non-finite loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,9 +31,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from msdfuse_jax import checkpoints, models, parallel, preemption as preemption_lib, rundir, summaries
-from msdfuse_jax.data import augment, cifar
+from msdfuse_jax.data import augment, cifar, order
 from msdfuse_jax import metrics as metrics_lib
 from msdfuse_jax import optim
 from msdfuse_jax import train_state as ts
@@ -50,7 +56,8 @@ class Preempted(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The pure steps. Each is bound with functools.partial and pmapped once, in `train_and_evaluate`.
+# The pure steps: per-device programs, bound with functools.partial and compiled for the global mesh in
+# `make_steps`.
 
 
 def loss_and_grads(params: Any, batch_stats: Any, images: jax.Array, labels: jax.Array, key: jax.Array, *,
@@ -78,7 +85,7 @@ def loss_and_grads(params: Any, batch_stats: Any, images: jax.Array, labels: jax
 def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model, tx,
                aug: ml_collections.ConfigDict, mean: np.ndarray, std: np.ndarray, num_classes: int,
                weights: np.ndarray) -> tuple[ts.TrainState, Metrics]:
-  """One SGD step on this device's shards of the global batch; runs under `parallel.pmap`.
+  """One SGD step on this device's shards of the global batch: the per-device program of `make_steps`.
 
   Args:
     state: the (replicated) train state.
@@ -113,30 +120,34 @@ def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array
                        opt_state=opt_state), sums
 
 
-def gather_batch(dataset: dict[str, jax.Array], perm: jax.Array, step: jax.Array,
-                 local_shards: jax.Array, *, steps_per_epoch: int, local_batch: int,
-                 shard_batch: int) -> dict[str, jax.Array]:
-  """This device's shards of step `step`'s batch, taken from the on-device dataset.
-
-  Process p's batch at step s is ``perm[(s mod steps_per_epoch) * local_batch:][:local_batch]`` of its own
-  data, where `perm` is the epoch's permutation; local shard j is the j-th `shard_batch` slice of that.
-  """
-  start = (step % steps_per_epoch) * local_batch
+def gather_batch(dataset: dict[str, jax.Array], perm: jax.Array, step: jax.Array, shards: jax.Array, *,
+                 steps_per_epoch: int, batch_size: int, shard_batch: int) -> dict[str, jax.Array]:
+  """Shards `shards` of step `step`'s global batch, taken from the on-device dataset (`order.batch_rows`
+  inside the step)."""
+  start = (step % steps_per_epoch) * batch_size
 
   def one(shard):
     idx = lax.dynamic_slice(perm, (start + shard * shard_batch,), (shard_batch,))
     return jnp.take(dataset["image"], idx, axis=0), jnp.take(dataset["label"], idx, axis=0)
 
-  images, labels = jax.vmap(one)(local_shards)
+  images, labels = jax.vmap(one)(shards)
   return {"image": images, "label": labels}
 
 
-def data_parallel_step(state: ts.TrainState, dataset: dict[str, jax.Array], perm: jax.Array,
-                       shards: dict[str, jax.Array], rng: jax.Array, *, gather, step
-                       ) -> tuple[ts.TrainState, Metrics]:
-  """`gather_batch` then `train_step` (both bound with partial): the function that is pmapped."""
-  batch = gather(dataset, perm, state.step, shards["local"])
-  return step(state, {**batch, "shard": shards["global"]}, rng)
+def _device_pipeline_step(state, dataset, perm, votes, rng, *, gather, step, per_device):
+  """The per-device program of the ``device`` pipeline: `gather_batch` from the replicated dataset, then
+  `train_step`. Also sums the devices' stop votes (see `parallel.stop_votes`)."""
+  shards = parallel.device_shards(per_device)
+  batch = gather(dataset, perm, state.step, shards)
+  state, sums = step(state, {**batch, "shard": shards}, rng)
+  return state, sums, lax.psum(votes.sum(), parallel.AXIS)
+
+
+def _stream_pipeline_step(state, batch, votes, rng, *, step, per_device):
+  """The per-device program of the ``stream`` pipeline: `train_step` on the batch the host sent."""
+  shards = parallel.device_shards(per_device)
+  state, sums = step(state, {**batch, "shard": shards}, rng)
+  return state, sums, lax.psum(votes.sum(), parallel.AXIS)
 
 
 def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model, mean: np.ndarray,
@@ -153,7 +164,7 @@ def evaluate_all(p_eval_step, state: ts.TrainState, eval_sets: dict[str, tuple[n
   """Every exit on every eval set: ``{set}/loss``, ``{set}/loss_exit{k}``, ``{set}/accuracy_exit{k}``.
 
   Args:
-    p_eval_step: the pmapped `eval_step`.
+    p_eval_step: the eval step of `make_steps`.
     state: the replicated train state.
     eval_sets: name -> (this process's images, labels, size of the whole set).
     batch_size: the global eval batch size.
@@ -164,14 +175,17 @@ def evaluate_all(p_eval_step, state: ts.TrainState, eval_sets: dict[str, tuple[n
   for name, (images, labels, total) in eval_sets.items():
     sums = None
     for batch in parallel.eval_batches(images, labels, batch_size, total):
-      out = p_eval_step(variables, parallel.shard(batch))
+      out = p_eval_step(variables, parallel.batch(batch))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    scalars.update(metrics_lib.summarize(parallel.unreplicate(sums), weights, name))
+    scalars.update(metrics_lib.summarize(parallel.to_host(sums), weights, name))
   return scalars
 
 
 # --------------------------------------------------------------------------------------------------------
 # The host side.
+
+
+PIPELINES = ("device", "stream")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,12 +194,16 @@ class Plan:
 
   num_shards: int       # shards of the global batch (units of BatchNorm statistics and Mixup pairs)
   shard_batch: int      # samples per shard
-  local_batch: int      # samples per process and step
-  steps_per_epoch: int  # full local batches per pass over this process's data
+  batch_size: int       # samples per step, over all processes
+  steps_per_epoch: int  # full global batches per pass over the training set
   total_steps: int
 
+  @property
+  def shards_per_device(self) -> int:
+    return self.num_shards // jax.device_count()
 
-def make_plan(train: ml_collections.ConfigDict, num_local_examples: int) -> Plan:
+
+def make_plan(train: ml_collections.ConfigDict, num_examples: int) -> Plan:
   """Checks the batch layout against the devices and the data; raises ConfigError when it cannot work."""
   try:
     shards = parallel.num_shards(train.get("num_shards", 0))
@@ -194,38 +212,76 @@ def make_plan(train: ml_collections.ConfigDict, num_local_examples: int) -> Plan
   if train.batch_size <= 0 or train.batch_size % shards:
     raise ConfigError(f"config.train.batch_size={train.batch_size} must be a positive multiple of the "
                       f"{shards} batch shards (one per device unless config.train.num_shards is set)")
-  local_batch = train.batch_size // jax.process_count()
-  steps_per_epoch = num_local_examples // local_batch
+  steps_per_epoch = num_examples // train.batch_size
   if steps_per_epoch < 1:
-    raise ConfigError(f"config.train.batch_size={train.batch_size} is larger than the "
-                      f"{num_local_examples * jax.process_count()} training images")
+    raise ConfigError(f"config.train.batch_size={train.batch_size} is larger than the {num_examples} "
+                      "training images")
   total = train.num_steps if train.num_steps > 0 else int(train.num_epochs * steps_per_epoch)
   if total < 1:
     raise ConfigError("the run has no steps: set config.train.num_epochs > 0 or config.train.num_steps > 0")
-  return Plan(shards, train.batch_size // shards, local_batch, steps_per_epoch, total)
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  """The order of this process's examples in `epoch`: a function of (seed, epoch) only, for exact resume."""
-  return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+  return Plan(shards, train.batch_size // shards, train.batch_size, steps_per_epoch, total)
 
 
 def make_steps(model, tx, aug: ml_collections.ConfigDict, plan: Plan, weights: np.ndarray,
-               mean: np.ndarray, std: np.ndarray, num_classes: int):
-  """The pmapped train step ``(state, dataset, perm, shards, rng) -> (state, metrics)`` and eval step.
+               mean: np.ndarray, std: np.ndarray, num_classes: int, pipeline: str = "device"):
+  """The train step and the eval step, compiled for the global mesh (`parallel.spmd`).
 
-  This is the one place the steps are bound and pmapped (training and `msdfuse-bench` both use it).
+  The train step is ``(state, *feed(step), votes, rng) -> (state, metric sums, stop votes)``, where
+  `feed` is the pipeline's `DeviceFeed` or `stream.StreamFeed` and `votes` is `parallel.stop_votes`;
+  the eval step is ``(variables, batch) -> metric sums``. This is the one place the steps are bound
+  (training, `msdfuse-bench` and the parity tests all use it).
   """
+  if pipeline not in PIPELINES:
+    raise ConfigError(f"config.data.pipeline={pipeline!r} is not one of {PIPELINES}")
   common = dict(model=model, mean=mean, std=std, num_classes=num_classes)
   step_fn = functools.partial(train_step, tx=tx, aug=aug, weights=weights, **common)
-  gather_fn = functools.partial(gather_batch, steps_per_epoch=plan.steps_per_epoch,
-                                local_batch=plan.local_batch, shard_batch=plan.shard_batch)
+  rep, split = P(), P(parallel.AXIS)
+  if pipeline == "device":
+    gather_fn = functools.partial(gather_batch, steps_per_epoch=plan.steps_per_epoch,
+                                  batch_size=plan.batch_size, shard_batch=plan.shard_batch)
+    fn = functools.partial(_device_pipeline_step, gather=gather_fn, step=step_fn,
+                           per_device=plan.shards_per_device)
+    in_specs = (rep, rep, rep, split, rep)  # state, dataset, permutation, votes, rng
+  else:
+    fn = functools.partial(_stream_pipeline_step, step=step_fn, per_device=plan.shards_per_device)
+    in_specs = (rep, split, split, rep)  # state, batch, votes, rng
   # The state is donated: XLA updates parameters and optimiser state in place instead of keeping two
   # copies alive across the step.
-  p_train_step = parallel.pmap(functools.partial(data_parallel_step, gather=gather_fn, step=step_fn),
-                               donate_argnums=(0,))
-  p_eval_step = parallel.pmap(functools.partial(eval_step, **common))
+  p_train_step = parallel.spmd(fn, in_specs, (rep, rep, rep), donate_argnums=(0,))
+  p_eval_step = parallel.spmd(functools.partial(eval_step, **common), (rep, split), rep)
   return p_train_step, p_eval_step
+
+
+class DeviceFeed:
+  """The ``device`` pipeline: the whole training set replicated on every device (uint8), and each
+  epoch's permutation; the step gathers its own shards. ``feed(step)`` gives the step's data arguments."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int, plan: Plan):
+    self.dataset = parallel.replicate({"image": images, "label": labels})
+    self.seed, self.plan, self.n = seed, plan, len(images)
+    self._epoch, self._perm = -1, None
+
+  def __call__(self, step: int) -> tuple[Any, ...]:
+    epoch = step // self.plan.steps_per_epoch
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._perm = parallel.replicate(order.epoch_permutation(self.seed, epoch, self.n))
+    return self.dataset, self._perm
+
+  def close(self) -> None:
+    pass
+
+
+def make_feed(pipeline: str, images: np.ndarray, labels: np.ndarray, seed: int, plan: Plan,
+              start: int):
+  """The feed of `pipeline` for a run that continues after step `start`."""
+  if pipeline == "device":
+    return DeviceFeed(images, labels, seed, plan)
+  from msdfuse_jax.data import stream  # pylint: disable=import-outside-toplevel  (needs grain)
+  try:
+    return stream.StreamFeed(stream.ArraySource(images, labels), seed, plan, start)
+  except ImportError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _check_saved_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -273,7 +329,10 @@ def _stop_before(stop: preemption_lib.Preemption, step: int, total: int, workdir
 
 def _train(config: ml_collections.ConfigDict, workdir: str,
            stop: preemption_lib.Preemption) -> ts.TrainState:
-  parallel.maybe_initialize_distributed(config.train.get("distributed", False))
+  try:
+    parallel.maybe_initialize_distributed(config.train)
+  except parallel.DistributedError as e:
+    raise ConfigError(str(e)) from None
   _check_saved_config(config, workdir)
   try:
     model = models.from_config(config)
@@ -283,59 +342,65 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  pipeline = config.data.get("pipeline", "device")
+  if pipeline not in PIPELINES:
+    raise ConfigError(f"config.data.pipeline={pipeline!r} is not one of {PIPELINES}")
   data = cifar.load_cifar(config.dataset, config.data, workdir)
   if jax.process_index() == 0:
     rundir.save_config(workdir, config)
-  train_x, train_y = cifar.host_shard(data.train_images, data.train_labels, jax.process_index(),
-                                      jax.process_count())
-  plan = make_plan(config.train, len(train_x))
+  plan = make_plan(config.train, len(data.train_images))
   _stop_before(stop, 0, plan.total_steps, workdir)
   schedule = optim.learning_rate_schedule(config.optim, plan.steps_per_epoch, plan.total_steps)
   tx = optim.create_optimizer(config.optim, schedule)
   root = jax.random.PRNGKey(config.seed)
-  state, how = ts.restore_or_init(workdir, ts.init_train_state(model, tx, jax.random.fold_in(root, 0)))
-  start = int(state.step)
-  logging.info("%s run in %s at step %d of %d (%d steps/epoch, %d shards of %d on %d devices, %d "
-               "processes)", how, workdir, start, plan.total_steps, plan.steps_per_epoch,
-               plan.num_shards, plan.shard_batch, jax.device_count(), jax.process_count())
-  _stop_before(stop, start, plan.total_steps, workdir)
+  with contextlib.ExitStack() as cleanup:
+    # Every process opens the manager (creating the directory) before anything reads it, so that all of
+    # them see the same checkpoints and make the same orbax calls.
+    mngr = checkpoints.manager(workdir, max_to_keep=config.train.keep_checkpoints)
+    cleanup.callback(mngr.close)
+    state, how = ts.restore_or_init(workdir, ts.init_train_state(model, tx, jax.random.fold_in(root, 0)),
+                                    mngr)
+    start = int(state.step)
+    logging.info("%s run in %s at step %d of %d (%d steps/epoch, %d shards of %d on %d devices, %d "
+                 "processes, %s pipeline)", how, workdir, start, plan.total_steps, plan.steps_per_epoch,
+                 plan.num_shards, plan.shard_batch, jax.device_count(), jax.process_count(), pipeline)
+    _stop_before(stop, start, plan.total_steps, workdir)
 
-  p_train_step, p_eval_step = make_steps(model, tx, config.aug, plan, weights, data.mean, data.std,
-                                         data.num_classes)
-  dataset = parallel.replicate({"image": train_x, "label": train_y})
-  local_ids, global_ids = parallel.local_shard_ids(plan.num_shards)
-  shards = parallel.shard({"local": local_ids, "global": global_ids})
-  aug_rng = parallel.replicate(jax.random.fold_in(root, 1))
-  eval_sets = {}
-  for name, (x, y) in (("val", (data.val_images, data.val_labels)),
-                       ("test", (data.test_images, data.test_labels))):
-    if len(x):
-      eval_sets[name] = (*cifar.host_shard(x, y, jax.process_index(), jax.process_count(),
-                                           drop_remainder=False), len(x))
-  eval_every = config.train.eval_every_steps if config.train.eval_every_steps > 0 else plan.steps_per_epoch
-  ckpt_every = config.train.checkpoint_every_steps
+    p_train_step, p_eval_step = make_steps(model, tx, config.aug, plan, weights, data.mean, data.std,
+                                           data.num_classes, pipeline)
+    feed = make_feed(pipeline, data.train_images, data.train_labels, config.seed, plan, start)
+    cleanup.callback(feed.close)
+    aug_rng = parallel.replicate(jax.random.fold_in(root, 1))
+    eval_sets = {}
+    for name, (x, y) in (("val", (data.val_images, data.val_labels)),
+                         ("test", (data.test_images, data.test_labels))):
+      if len(x):
+        eval_sets[name] = (*cifar.host_shard(x, y, jax.process_index(), jax.process_count(),
+                                             drop_remainder=False), len(x))
+    eval_every = config.train.eval_every_steps if config.train.eval_every_steps > 0 else plan.steps_per_epoch
+    ckpt_every = config.train.checkpoint_every_steps
 
-  writer = summaries.ScalarWriter(workdir, enabled=jax.process_index() == 0)
-  mngr = checkpoints.manager(workdir, max_to_keep=config.train.keep_checkpoints)
-  state = parallel.replicate(state)
-  loop = _Loop(plan, schedule, weights, writer, mngr, start)
-  try:
+    writer = summaries.ScalarWriter(workdir, enabled=jax.process_index() == 0)
+    cleanup.callback(writer.close)
+    state = parallel.replicate(state)
+    loop = _Loop(plan, schedule, weights, writer, mngr, start)
     if start >= plan.total_steps:
       logging.info("nothing to do: the run already finished (step %d)", start)
     _stop_before(stop, start, plan.total_steps, workdir)
-    perm_epoch, perm = -1, None
+    single = jax.process_count() == 1
+    previous_votes = None
     for step in range(start, plan.total_steps):
-      epoch = step // plan.steps_per_epoch
-      if epoch != perm_epoch:
-        perm_epoch, perm = epoch, parallel.replicate(epoch_permutation(config.seed, epoch, len(train_x)))
-      state, metrics = p_train_step(state, dataset, perm, shards, aug_rng)
-      if loop.pending:
-        # Let the host run at most one step ahead of the devices: the queue stays full, and SIGTERM
-        # (whose handler runs only between Python bytecodes) is acted on within a step or two
-        # instead of after every step dispatched up to the next log line.
-        jax.block_until_ready(loop.pending[-1][1])
-      loop.pending.append((step + 1, metrics))
       done = step + 1
+      # Every process votes with each step it dispatches; the step sums the votes over all devices, so
+      # every process learns the same total and stops after the same step.
+      votes = parallel.stop_votes(stop.reached(step))
+      state, metrics, step_votes = p_train_step(state, *feed(step), votes, aug_rng)
+      # Reading the previous step's vote total waits for that step: the host runs at most one step ahead
+      # of the devices, so the queue stays full and SIGTERM (whose handler runs only between Python
+      # bytecodes) is acted on within a step or two.
+      agreed_stop = previous_votes is not None and int(parallel.to_host(previous_votes)) > 0
+      previous_votes = step_votes
+      loop.pending.append((done, metrics))
       last = done == plan.total_steps
       if done % config.train.log_every_steps == 0 or last:
         loop.log_train(done)
@@ -345,16 +410,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         loop.log_eval(done, scalars, time.perf_counter() - t0)
       if (ckpt_every > 0 and done % ckpt_every == 0) or last:
         loop.save(done, state)
-      if stop.reached(done) and not last:
+      # One process: stop right after the step that saw the request. Several: after the step following
+      # the one whose summed votes say some process was asked (the same step on every process).
+      if (stop.reached(done) if single else agreed_stop) and not last:
         if loop.saved_step != done:
           loop.save(done, state)
         raise Preempted(f"stopped by SIGTERM after step {done} of {plan.total_steps}; checkpoint saved "
                         f"in {checkpoints.checkpoint_dir(workdir)}; run the same command to resume")
     loop.write_final(workdir, plan.total_steps)
-  finally:
-    writer.close()
-    mngr.close()
-  return jax.tree.map(jnp.asarray, parallel.unreplicate(state))
+    return jax.tree.map(jnp.asarray, parallel.to_host(state))
 
 
 class _Loop:
@@ -370,9 +434,9 @@ class _Loop:
     self.t_last, self.step_last, self.eval_seconds = time.perf_counter(), start, 0.0
 
   def _fetch(self) -> None:
-    """Adds the pending metrics to the host sums (the loop's only host sync); stops on a non-finite loss."""
+    """Adds the pending metrics to the host sums (waits for their steps); stops on a non-finite loss."""
     for step, metrics in self.pending:
-      sums = parallel.unreplicate(metrics)
+      sums = parallel.to_host(metrics)
       if not np.all(np.isfinite(sums["loss"])):
         raise NonFiniteLossError(
             f"non-finite loss at step {step} (per-exit loss sums {sums['loss'].tolist()}); stopped without "
@@ -422,7 +486,7 @@ class _Loop:
   def save(self, step: int, state: ts.TrainState) -> None:
     """Saves `state` after checking every loss since the last check, and the state itself, is finite."""
     self._fetch()  # raises on a non-finite loss
-    host = parallel.unreplicate(state)
+    host = parallel.to_host(state)
     if not ts.all_finite(host.params):
       raise NonFiniteLossError(f"non-finite parameters after step {step}; stopped without saving them; "
                                f"the last good checkpoint is step {self.saved_step} in "

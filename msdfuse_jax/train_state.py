@@ -50,8 +50,10 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: ja
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
 
 
-def restore_or_init(workdir: str, fresh: TrainState) -> tuple[TrainState, str]:
+def restore_or_init(workdir: str, fresh: TrainState, mngr=None) -> tuple[TrainState, str]:
   """The newest checkpoint of `workdir` in the structure of `fresh`, or `fresh` itself.
+
+  `mngr` is the run's checkpoint manager (see `checkpoints.restore`); None opens a read-only one.
 
   Returns:
     (state, how): `how` is 'fresh', 'resumed' or 'imported' (a checkpoint without optimiser state, e.g.
@@ -63,7 +65,7 @@ def restore_or_init(workdir: str, fresh: TrainState) -> tuple[TrainState, str]:
   host = jax.tree.map(np.asarray, jax.device_get(fresh.to_checkpoint()))
   # Restoring into the fresh state's structure gives back optax's named tuples, not nested lists.
   target = lambda keys: {k: v for k, v in host.items() if k in keys}
-  found = checkpoints.restore(workdir, target=target, set_aside_unreadable=True)
+  found = checkpoints.restore(workdir, target=target, set_aside_unreadable=True, mngr=mngr)
   if found is None:
     return fresh, "fresh"
   _, restored = found

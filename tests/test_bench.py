@@ -34,11 +34,27 @@ def test_bench_cli_prints_and_writes_the_figures(tmp_path):
 
 
 def test_report_format_names_every_figure():
-  report = dict(model="m", dataset="cifar10", dtype="float32", devices=1, backend="cpu", batch_size=64,
+  report = dict(model="m", dataset="cifar10", dtype="float32", pipeline="device", devices=1, backend="cpu",
+                batch_size=64,
                 eval_batch_size=256, train_images_per_s=130.0, train_step_s=0.49, compile_s=30.0,
                 eval_images_per_s=400.0, eval_step_s=0.64, eval_compile_s=4.0, peak_memory_mb=2000.0,
                 peak_memory_source="process peak RSS", rss_before_mb=700.0, train_cpu_s_per_step=0.9,
                 eval_cpu_s_per_step=1.2, load_average=0.5, cpu_count=2, xla_flags="")
   text = bench.format_report(report)
-  for figure in ("130.0 images/s", "400.0 images/s", "compile 30.0 s", "2000 MB"):
+  for figure in ("130.0 images/s", "400.0 images/s", "compile 30.0 s", "2000 MB", "device input pipeline"):
     assert figure in text
+
+
+@pytest.mark.parametrize("pipeline", ["device", "stream"])
+def test_input_only_times_the_pipeline_alone(tmp_path, pipeline):
+  out = tmp_path / "input.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "msdfuse_jax.tools.bench_main",
+       f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=msdnet_tiny", "--batch_size=32", "--steps=5",
+       f"--config.data.pipeline={pipeline}", "--input_only", f"--json={out}"],
+      capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["pipeline"] == pipeline and report["batch_size"] == 32
+  assert report["input_images_per_s"] > 0 and "train_images_per_s" not in report
+  assert f"{pipeline} input pipeline" in proc.stdout and "images/s" in proc.stdout

@@ -239,9 +239,11 @@ def test_weight_init_pytorch_is_pytorchs_default_and_he_fan_out_is_msdnets_inten
   # 'pytorch' (the MSDNet presets' default): every conv and Linear U(+-1/sqrt(fan_in)), Linear biases too.
   # 'he_fan_out': N(0, sqrt(2 / (k * k * C_out))) kernels and zero Linear biases.
   for init in ("pytorch", "he_fan_out"):
-    flat = _flat_params("msdnet_anytime7", weight_init=init)
-    kernels = {k: v for k, v in flat.items() if k.endswith("conv/kernel") and v.size >= 2000}
-    assert len(kernels) > 20
+    # msdnet_tiny: the same code paths as the presets at a fraction of the compile time; kernels of at
+    # least 500 entries estimate the standard deviation to a few per cent.
+    flat = _flat_params("msdnet_tiny", weight_init=init)
+    kernels = {k: v for k, v in flat.items() if k.endswith("conv/kernel") and v.size >= 500}
+    assert len(kernels) > 10
     for key, w in kernels.items():
       kh, kw, c_in, c_out = w.shape
       if init == "pytorch":
@@ -252,7 +254,7 @@ def test_weight_init_pytorch_is_pytorchs_default_and_he_fan_out_is_msdnets_inten
         assert np.abs(w).max() > 2 * w.std()  # a normal, not a uniform
         np.testing.assert_allclose(w.std(), np.sqrt(2 / (kh * kw * c_out)), rtol=0.15, err_msg=key)
     biases = [v for k, v in flat.items() if k.endswith("linear/bias")]
-    assert len(biases) == 7
+    assert len(biases) == 3
     if init == "pytorch":
       assert all(np.abs(b).max() > 0 for b in biases)
     else:

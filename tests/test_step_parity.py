@@ -12,7 +12,7 @@ behind, in two cases:
 * ``nesterov_decay_nd``: Nesterov momentum, no decay on 1-D parameters (``optim.decay_1d=False``).
 
 Here the same weights go through `torch_msdnet.convert_state_dict` and the project's own code runs the same
-recipe: the schedule and optimiser of `optim`, `train.loss_and_grads` and the real (pmapped) train step.
+recipe: the schedule and optimiser of `optim`, `train.loss_and_grads` and the real (global-mesh) train step.
 
 * Step by step (the parity check): each of the K steps starts from torch's state before it (parameters,
   BatchNorm statistics, momentum, step count); compared are every exit's loss, the gradient of every
@@ -38,7 +38,7 @@ measurably on this fixture is itself checked (0.1 * v / (n - 1) after one step: 
 maps, n = 64).
 
 Every call into the project's training code goes through `run_project_steps` below: a rewrite of the train
-step (it is pmapped today) changes that one function only.
+step changes that one function only.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ from msdfuse_jax import optim as optim_lib
 FIXTURE = pathlib.Path(os.environ.get("MSDFUSE_STEP_PARITY_FIXTURE") or
                        SHARED / "reference" / "step_parity.npz")
 CASES = ("sgd_decay_all", "nesterov_decay_nd")
-# About a minute on a 2-core CPU, half of it compiling the pmapped step once per optimiser.
+# About a minute on a 2-core CPU, half of it compiling the train step once per optimiser.
 pytestmark = pytest.mark.slow
 STEPS = 5  # K, as recorded in the fixture (checked against it)
 
@@ -75,7 +75,7 @@ STEPS = 5  # K, as recorded in the fixture (checked against it)
 # ---- the adapter: the only place that calls the project's train step --------------------------------------
 
 
-# The jitted gradient (per model) and pmapped step (per optimiser), compiled once each; the values keep the
+# The jitted gradient (per model) and the train step (per optimiser), compiled once each; the values keep the
 # model and optimiser alive, so that their ids in the keys cannot be reused.
 _COMPILED: dict = {}
 
@@ -100,7 +100,7 @@ def run_project_steps(model, tx, aug, start, images, labels, *, first_step, num_
         lambda p, s, x, y: train.loss_and_grads(p, s, x, y, jax.random.PRNGKey(0), **common)))
   if ("step", id(model), id(tx)) not in _COMPILED:
     # One shard of B on one device; step t gathers batch t = perm[t * B:(t + 1) * B] of the on-device data.
-    plan = train.Plan(num_shards=1, shard_batch=b, local_batch=b, steps_per_epoch=k, total_steps=k)
+    plan = train.Plan(num_shards=1, shard_batch=b, batch_size=b, steps_per_epoch=k, total_steps=k)
     _COMPILED["step", id(model), id(tx)] = (model, tx, train.make_steps(model, tx, aug, plan, weights, mean,
                                                                         std, num_classes)[0])
   grad_fn, p_train_step = _COMPILED["grad", id(model)][-1], _COMPILED["step", id(model), id(tx)][-1]
@@ -128,15 +128,14 @@ def run_project_steps(model, tx, aug, start, images, labels, *, first_step, num_
   dataset = parallel.replicate({"image": images.reshape(k * b, *images.shape[2:]),
                                 "label": labels.reshape(k * b).astype(np.int32)})
   perm = parallel.replicate(np.arange(k * b, dtype=np.int32))
-  local_ids, global_ids = parallel.local_shard_ids(1)
-  shards = parallel.shard({"local": local_ids, "global": global_ids})
+  votes = parallel.stop_votes(False)
   rng = parallel.replicate(jax.random.PRNGKey(0))
   losses = []
   for _ in range(num_steps):
-    state, sums = p_train_step(state, dataset, perm, shards, rng)
-    sums = parallel.unreplicate(sums)
+    state, sums, _ = p_train_step(state, dataset, perm, votes, rng)
+    sums = parallel.to_host(sums)
     losses.append(np.asarray(sums["loss"]) / float(sums["count"]))
-  return grads, np.stack(losses), parallel.unreplicate(state)
+  return grads, np.stack(losses), parallel.to_host(state)
 
 
 # ---- tolerances -------------------------------------------------------------------------------------------

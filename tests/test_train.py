@@ -1,4 +1,5 @@
-"""Training: schedule, decay mask, metrics, batch layout, resume, SIGTERM, 2 devices, bad inputs, the CLI.
+"""Training: schedule, decay mask, metrics, batch layout, both input pipelines, resume, SIGTERM, bad inputs,
+the CLI (several devices and processes: test_multiprocess.py).
 
 Hermetic and CPU-only: the tiny model on the real CIFAR-10 subset from ../shared/data (archive source).
 The runs share one config where they can, so that the persistent compilation cache (tests/conftest.py)
@@ -21,7 +22,7 @@ import pytest
 from configs import cifar
 from msdfuse_jax import checkpoints, metrics, models, parallel, preemption, rundir, train, xla_flags
 from msdfuse_jax.data import cifar as cifar_data
-from msdfuse_jax.data import sources
+from msdfuse_jax.data import order, sources
 from msdfuse_jax import optim
 from msdfuse_jax import train_state as ts
 from tests.conftest import REPO, shared_file
@@ -100,22 +101,27 @@ def test_exit_metrics_known_answers():
 
 
 def test_every_epoch_visits_each_example_once_in_a_seeded_order():
-  n, local_batch, shard_batch = 20, 6, 3  # 3 full batches an epoch, 2 examples left over
+  n, batch_size, shard_batch = 20, 6, 3  # 3 full batches an epoch, 2 examples left over
   dataset = {"image": jnp.arange(n)[:, None, None, None] * jnp.ones((1, 2, 2, 3), jnp.int32),
              "label": jnp.arange(n, dtype=jnp.int32)}
   seen = []
   for epoch in range(2):
-    perm = jnp.asarray(train.epoch_permutation(seed=7, epoch=epoch, n=n))
+    perm = order.epoch_permutation(seed=7, epoch=epoch, n=n)
     for step in range(epoch * 3, epoch * 3 + 3):
-      batch = train.gather_batch(dataset, perm, jnp.int32(step), jnp.arange(2), steps_per_epoch=3,
-                                 local_batch=local_batch, shard_batch=shard_batch)
+      batch = train.gather_batch(dataset, jnp.asarray(perm), jnp.int32(step), jnp.arange(2),
+                                 steps_per_epoch=3, batch_size=batch_size, shard_batch=shard_batch)
       assert batch["image"].shape == (2, 3, 2, 2, 3)
       np.testing.assert_array_equal(batch["image"][..., 0, 0, 0], batch["label"])
+      # The stream pipeline's host reader picks the same rows, also for one shard at a time.
+      for shards in (range(0, 2), range(1, 2)):
+        np.testing.assert_array_equal(
+            order.batch_rows(perm, step, 3, batch_size, shards, shard_batch),
+            np.asarray(batch["label"])[shards.start:shards.stop])
       seen.append(np.asarray(batch["label"]).ravel())
   first, second = np.concatenate(seen[:3]), np.concatenate(seen[3:])
   assert len(set(first)) == 18 and len(set(second)) == 18  # no repeats within an epoch
   assert not np.array_equal(first, second)  # a new order every epoch
-  np.testing.assert_array_equal(train.epoch_permutation(7, 1, n), train.epoch_permutation(7, 1, n))
+  np.testing.assert_array_equal(order.epoch_permutation(7, 1, n), order.epoch_permutation(7, 1, n))
 
 
 def test_batch_layout_errors_name_the_fields():
@@ -195,35 +201,47 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, uninterrupted):
 
 
 @pytest.mark.slow
-def test_two_devices_give_the_result_of_one(tmp_path):
-  # Both runs have 2 batch shards: one device runs both (vmapped), two devices one each (pmean across
-  # them). They agree up to float summation order. Compared after one step: this tiny net at LR 0.2
-  # amplifies a float-rounding difference about 100x per step (1e-6, 1e-4, 3e-3 after steps 1, 2, 3).
-  reference = interrupted_run(tmp_path / "one", 1)
-  out = tmp_path / "params.npz"
-  script = (
-      "import json, sys, numpy as np, jax, ml_collections\n"
-      "import tests.conftest\n"  # the shared compilation cache
-      "from msdfuse_jax import checkpoints, train\n"
-      "from tests.test_train import StopAt\n"
-      "assert jax.device_count() == 2, jax.devices()\n"
-      "config = ml_collections.ConfigDict(json.loads(sys.argv[1]))\n"
-      "try:\n"
-      "  train.train_and_evaluate(config, sys.argv[2], preemption=StopAt(1))\n"
-      "except train.Preempted:\n"
-      "  pass\n"
-      "step, state = checkpoints.restore(sys.argv[2])\n"
-      "assert step == 1, step\n"
-      "np.savez(sys.argv[3], *[np.asarray(x) for x in jax.tree.leaves(state['params'])])\n")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()}
-  proc = subprocess.run([sys.executable, "-c", script, tiny_config().to_json(), str(tmp_path / "run"),
-                         str(out)], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  got = np.load(out)
-  assert len(got.files) == len(reference)
-  for i, want in enumerate(reference):
-    np.testing.assert_allclose(got[f"arr_{i}"], want, rtol=1e-4, atol=1e-5)
+def test_stream_pipeline_trains_and_resumes_to_the_device_pipelines_result(tmp_path, uninterrupted):
+  # The host reader picks the rows the device gather picks and the augmentation keys are the same, so
+  # a stream run, stopped mid-epoch and resumed, ends where the device pipeline's uninterrupted run ends.
+  _, reference = uninterrupted
+  config = tiny_config()
+  config.data.pipeline = "stream"
+  workdir = tmp_path / "stream"
+  with pytest.raises(train.Preempted, match=f"after step 30 of {STEPS}"):
+    train.train_and_evaluate(config, str(workdir), preemption=StopAt(30))
+  resumed = train.train_and_evaluate(config, str(workdir))
+  assert int(resumed.step) == STEPS
+  for got, want in zip(params_of(resumed), reference):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_stream_batches_do_not_depend_on_the_process_count():
+  # Resuming at step 5 with 1 process reading all 4 shards, or with 2 processes reading 2 each (what a
+  # 4-process run's processes read is the same split again), gives every step the same global batch.
+  from msdfuse_jax.data import stream  # pylint: disable=import-outside-toplevel
+  n = 40
+  source = stream.ArraySource(np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3),
+                                                                                          np.uint8),
+                              np.arange(n, dtype=np.int32))
+  plan = train.Plan(num_shards=4, shard_batch=2, batch_size=8, steps_per_epoch=5, total_steps=12)
+  whole = list(stream.host_batches(source, 3, plan, 5, shards=range(0, 4)))
+  halves = [list(stream.host_batches(source, 3, plan, 5, shards=shards)) for shards in (range(0, 2),
+                                                                                        range(2, 4))]
+  assert len(whole) == 7 and [len(h) for h in halves] == [7, 7]
+  for step, (batch, first, second) in enumerate(zip(whole, *halves), start=5):
+    assert batch["image"].shape == (4, 2, 2, 2, 3) and batch["label"].shape == (4, 2)
+    np.testing.assert_array_equal(batch["image"][..., 0, 0, 0], batch["label"])
+    np.testing.assert_array_equal(np.concatenate([first["label"], second["label"]]), batch["label"])
+    perm = order.epoch_permutation(3, step // 5, n)
+    np.testing.assert_array_equal(batch["label"].ravel(), perm[(step % 5) * 8:][:8])
+
+
+def test_unknown_pipeline_is_a_config_error(tmp_path):
+  config = tiny_config()
+  config.data.pipeline = "disk"
+  with pytest.raises(train.ConfigError, match="config.data.pipeline='disk' is not one of"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 @pytest.mark.slow
@@ -335,12 +353,10 @@ def test_every_shard_of_a_step_gets_its_own_augmentation():
   p_train_step, _ = train.make_steps(model, tx, config.aug, plan, weights, data.mean, data.std, 10)
   state = ts.init_train_state(model, tx, jax.random.PRNGKey(0))
   aug_rng = jax.random.PRNGKey(7)
-  local_ids, global_ids = parallel.local_shard_ids(plan.num_shards)
-  _, metrics = p_train_step(parallel.replicate(state), parallel.replicate(dataset),
-                            parallel.replicate(np.arange(n, dtype=np.int32)),
-                            parallel.shard({"local": local_ids, "global": global_ids}),
-                            parallel.replicate(aug_rng))
-  step_loss = parallel.unreplicate(metrics)["loss"]
+  _, metrics, _ = p_train_step(parallel.replicate(state), parallel.replicate(dataset),
+                               parallel.replicate(np.arange(n, dtype=np.int32)), parallel.stop_votes(False),
+                               parallel.replicate(aug_rng))
+  step_loss = parallel.to_host(metrics)["loss"]
 
   def shard_loss(shard_id):
     key = jax.random.fold_in(jax.random.fold_in(aug_rng, 0), shard_id)

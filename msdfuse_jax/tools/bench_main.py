@@ -3,11 +3,14 @@
   msdfuse-bench --config=configs/cifar.py:dataset=cifar100,model=msdnet_anytime7 --batch_size=64 \
       --eval_batch_size=256 [--steps=10] [--json=FILE]
 
-Runs the exact pmapped steps that `msdfuse-train` runs (on-device batch gathering, augmentation, SGD
+Runs the exact steps that `msdfuse-train` runs (the global-mesh train step fed by the configured input
+pipeline, `--config.data.pipeline=device|stream`: batch gathering or host reading, augmentation, SGD
 update) on random uint8 images, and prints train images/s, eval images/s, compile times and peak memory.
 JSON keys: train_images_per_s, eval_images_per_s, compile_s (train step), eval_compile_s, peak_memory_mb,
-peak_memory_source, plus the settings. It measures, it asserts nothing; the persistent compilation cache
-is off unless --compilation_cache, so that compile times are real.
+peak_memory_source, pipeline, plus the settings. `--input_only` times the input pipeline alone (host
+reading and the copy to the devices, no step): JSON key input_images_per_s. It measures, it asserts
+nothing; the persistent compilation cache is off unless --compilation_cache, so that compile times are
+real.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ flags.DEFINE_integer("batch_size", None, "Global training batch size (default: c
 flags.DEFINE_integer("eval_batch_size", None, "Global eval batch size (default: config.eval.batch_size).")
 flags.DEFINE_integer("steps", 10, "Timed training steps (after one untimed step that compiles).")
 flags.DEFINE_integer("eval_steps", 5, "Timed eval steps.")
+flags.DEFINE_bool("input_only", False, "Time only the configured input pipeline (host reading and the "
+                  "copy of each batch to the devices), not the steps.")
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 flags.DEFINE_bool("compilation_cache", False, "Use the persistent compilation cache (a faster start, but "
                   "compile_s then measures loading from the cache, not compiling).")
@@ -56,45 +61,77 @@ def _timed(fn, *args) -> tuple[Any, float]:
   return out, time.perf_counter() - t0
 
 
+def _random_data(config: ml_collections.ConfigDict, batch_size: int, steps: int
+                 ) -> tuple[np.ndarray, np.ndarray, train.Plan]:
+  """Random uint8 images for `steps` distinct batches (every timed step reads new images), and the plan."""
+  train_cfg = ml_collections.ConfigDict(config.train.to_dict())
+  train_cfg.batch_size, train_cfg.num_steps = batch_size, steps
+  rng = np.random.default_rng(0)
+  n = batch_size * steps
+  images = rng.integers(0, 256, (n, *ts.IMAGE_SHAPE), dtype=np.uint8)
+  labels = rng.integers(0, sources.num_classes(config.dataset), (n,), dtype=np.int32)
+  return images, labels, train.make_plan(train_cfg, n)
+
+
+def benchmark_input(config: ml_collections.ConfigDict, batch_size: int, steps: int = 10) -> dict[str, Any]:
+  """Times the configured input pipeline alone: every step's data arguments, ready on the devices."""
+  pipeline = config.data.get("pipeline", "device")
+  images, labels, plan = _random_data(config, batch_size, steps + 1)
+  feed = train.make_feed(pipeline, images, labels, 0, plan, 0)
+  try:
+    jax.block_until_ready(feed(0))  # starts the reader threads, puts the dataset on the devices
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+      jax.block_until_ready(feed(step))
+    step_s = (time.perf_counter() - t0) / steps
+  finally:
+    feed.close()
+  return {"model": config.model.name, "dataset": config.dataset, "pipeline": pipeline,
+          "backend": jax.default_backend(), "devices": jax.device_count(), "batch_size": batch_size,
+          "input_step_s": step_s, "input_images_per_s": batch_size / step_s,
+          "load_average": os.getloadavg()[0], "cpu_count": os.cpu_count()}
+
+
 def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_size: int, steps: int = 10,
               eval_steps: int = 5) -> dict[str, Any]:
   """Measures the train and eval steps of `config`'s model; returns the figures as a dict."""
-  baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the imports (TF via clu)
+  baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the imports
   model = models.from_config(config)
   num_classes = sources.num_classes(config.dataset)
-  train_cfg = ml_collections.ConfigDict(config.train.to_dict())
-  train_cfg.batch_size, train_cfg.num_steps = batch_size, steps + 1
-  rng = np.random.default_rng(0)
-  n = batch_size * (steps + 1) // jax.process_count()  # every timed step reads distinct images
-  images = rng.integers(0, 256, (n, *ts.IMAGE_SHAPE), dtype=np.uint8)
-  labels = rng.integers(0, num_classes, (n,), dtype=np.int32)
-  plan = train.make_plan(train_cfg, n)
+  pipeline = config.data.get("pipeline", "device")
+  images, labels, plan = _random_data(config, batch_size, steps + 1)
   schedule = optim.learning_rate_schedule(config.optim, plan.steps_per_epoch, plan.total_steps)
   tx = optim.create_optimizer(config.optim, schedule)
   weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
   mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
-  p_train_step, p_eval_step = train.make_steps(model, tx, config.aug, plan, weights, mean, std, num_classes)
+  p_train_step, p_eval_step = train.make_steps(model, tx, config.aug, plan, weights, mean, std, num_classes,
+                                               pipeline)
 
   state = parallel.replicate(ts.init_train_state(model, tx, jax.random.PRNGKey(0)))
-  dataset = parallel.replicate({"image": images, "label": labels})
-  perm = parallel.replicate(train.epoch_permutation(0, 0, n))
-  local_ids, global_ids = parallel.local_shard_ids(plan.num_shards)
-  shards = parallel.shard({"local": local_ids, "global": global_ids})
+  feed = train.make_feed(pipeline, images, labels, 0, plan, 0)
   aug_rng = parallel.replicate(jax.random.PRNGKey(1))
+  votes = parallel.stop_votes(False)
 
   load_before = os.getloadavg()[0]
-  (state, _), first = _timed(p_train_step, state, dataset, perm, shards, aug_rng)
-  t0, c0 = time.perf_counter(), time.process_time()
-  for _ in range(steps):
-    state, metrics = p_train_step(state, dataset, perm, shards, aug_rng)
-  jax.block_until_ready((state, metrics))
-  step_s = (time.perf_counter() - t0) / steps
-  step_cpu_s = (time.process_time() - c0) / steps
+  try:
+    (state, _, _), first = _timed(p_train_step, state, *feed(0), votes, aug_rng)
+    t0, c0 = time.perf_counter(), time.process_time()
+    previous = None
+    for step in range(1, steps + 1):  # the loop of msdfuse-train: at most one step ahead of the devices
+      state, metrics, _ = p_train_step(state, *feed(step), votes, aug_rng)
+      if previous is not None:
+        jax.block_until_ready(previous)
+      previous = metrics
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - t0) / steps
+    step_cpu_s = (time.process_time() - c0) / steps
+  finally:
+    feed.close()
 
   variables = state.variables
   batch = next(parallel.eval_batches(images[:eval_batch_size], labels[:eval_batch_size], eval_batch_size,
                                      eval_batch_size * jax.process_count()))
-  batch = parallel.shard(batch)
+  batch = parallel.batch(batch)
   _, eval_first = _timed(p_eval_step, variables, batch)
   t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(eval_steps):
@@ -105,6 +142,7 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   peak_mb, peak_source = _peak_memory_mb()
   return {
       "model": config.model.name, "dataset": config.dataset, "dtype": config.model.dtype,
+      "pipeline": pipeline,
       "backend": jax.default_backend(), "devices": jax.device_count(),
       "batch_size": batch_size, "eval_batch_size": eval_batch_size,
       "train_step_s": step_s, "train_images_per_s": batch_size / step_s,
@@ -122,10 +160,17 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   }
 
 
+def format_input_report(report: dict[str, Any]) -> str:
+  return (f"{report['pipeline']} input pipeline of {report['model']} on {report['dataset']}, "
+          f"{report['devices']} {report['backend']} device(s): batch {report['batch_size']}  "
+          f"{report['input_images_per_s']:9.1f} images/s ({1000 * report['input_step_s']:.2f} ms/batch); "
+          f"load average {report['load_average']:.2f} on {report['cpu_count']} CPUs")
+
+
 def format_report(report: dict[str, Any]) -> str:
   return "\n".join([
       f"{report['model']} on {report['dataset']} ({report['dtype']}), {report['devices']} "
-      f"{report['backend']} device(s)",
+      f"{report['backend']} device(s), {report['pipeline']} input pipeline",
       f"train: batch {report['batch_size']:5d}  {report['train_images_per_s']:9.1f} images/s  "
       f"({1000 * report['train_step_s']:.1f} ms/step)  compile {report['compile_s']:.1f} s",
       f"eval:  batch {report['eval_batch_size']:5d}  {report['eval_images_per_s']:9.1f} images/s  "
@@ -151,10 +196,15 @@ def main(argv) -> None:
   if FLAGS.steps < 1 or FLAGS.eval_steps < 1:
     flags_util.fail("--steps and --eval_steps must be at least 1")
   try:
-    report = benchmark(config, batch_size, eval_batch_size, FLAGS.steps, FLAGS.eval_steps)
-  except (ValueError, train.ConfigError) as e:
+    if FLAGS.input_only:
+      report = benchmark_input(config, batch_size, FLAGS.steps)
+      text = format_input_report(report)
+    else:
+      report = benchmark(config, batch_size, eval_batch_size, FLAGS.steps, FLAGS.eval_steps)
+      text = format_report(report)
+  except (ValueError, ImportError, train.ConfigError) as e:
     flags_util.fail(str(e))
-  flags_util.print_report(format_report(report), report, FLAGS.json)
+  flags_util.print_report(text, report, FLAGS.json)
 
 
 def run() -> None:

@@ -19,6 +19,8 @@ import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 from msdfuse_jax import checkpoints, parallel, train, xla_flags
 from msdfuse_jax.data import sources
 from msdfuse_jax.tools import flags_util
@@ -39,7 +41,12 @@ def main(argv) -> None:
   if FLAGS.tuned_cpu_flags:
     xla_flags.use_fast_cpu_flags()  # read when the backend starts, i.e. below
   # Before anything touches a device: a multi-host run must join the cluster first.
-  parallel.maybe_initialize_distributed(config.train.distributed)
+  try:
+    parallel.maybe_initialize_distributed(config.train)
+  except parallel.DistributedError as e:
+    flags_util.fail(str(e))
+  if jax.process_index() != 0:  # one process speaks for the run; the others only warn
+    logging.set_verbosity(logging.WARNING)
   flags_util.enable_compilation_cache()
   flags_util.quiet_library_logs()
   try:

@@ -1,0 +1,191 @@
+"""Several processes on this machine: `msdfuse-train` as two processes of one CPU device each.
+
+The processes meet over 127.0.0.1 (a free port each time) and reduce through the gloo collectives, so they
+are a faithful small cluster. Every run below is the real CLI in subprocesses (bounded in time), with one
+config: msdnet_tiny on the real CIFAR-10 subset, 10 steps of 2 shards of 16, checkpoints every 2 steps.
+
+- The same run as 2 processes x 1 device, 1 process x 2 devices and 1 process x 1 device (both shards
+  vmapped on it) ends with the same parameters and BatchNorm statistics.
+- Elastic resume: a checkpoint of the 2-process run continues in 1 process, and one of a 1-process run in
+  2 processes, to the uninterrupted result.
+- SIGTERM to one process of a 2-process run: both save the same step and say how to resume; the same
+  commands then finish the run.
+"""
+
+import contextlib
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from msdfuse_jax import checkpoints
+from tests.conftest import REPO, shared_file
+
+STEPS = 10
+TIMEOUT = 420  # seconds for one launch (start-up and compilation on a loaded 2-core machine included)
+
+
+def _free_port() -> int:
+  with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _flags(workdir: pathlib.Path) -> list[str]:
+  data = shared_file("data", "cifar-10-python-subset.tar.gz")
+  return [
+      "--config=configs/cifar.py:dataset=cifar10,model=msdnet_tiny,runlocal",
+      "--config.data.source=archive", f"--config.data.path={data}",
+      "--config.aug.mixup_alpha=0", "--config.aug.cutmix_alpha=0", "--config.optim.learning_rate=0.05",
+      "--config.train.batch_size=32", "--config.train.num_shards=2", f"--config.train.num_steps={STEPS}",
+      "--config.train.log_every_steps=1", "--config.train.eval_every_steps=1000",
+      "--config.train.checkpoint_every_steps=2", "--config.train.keep_checkpoints=100",
+      "--config.eval.batch_size=2048", f"--workdir={workdir}"]
+
+
+def _env(devices: int) -> dict[str, str]:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "MSDFUSE_JAX_CACHE": str(REPO / ".jax_cache"),
+         "PYTHONPATH": str(REPO)}
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  if devices > 1:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  return env
+
+
+def launch(workdir: pathlib.Path, processes: int, devices: int = 1) -> list[subprocess.Popen]:
+  """Starts the run in `workdir` as `processes` processes of `devices` CPU devices each."""
+  command = [sys.executable, "-m", "msdfuse_jax.tools.train_main", *_flags(workdir)]
+  if processes > 1:
+    port = _free_port()
+    commands = [command + ["--config.train.distributed=True",
+                           f"--config.train.coordinator_address=127.0.0.1:{port}",
+                           f"--config.train.num_processes={processes}", f"--config.train.process_id={i}"]
+                for i in range(processes)]
+  else:
+    commands = [command]
+  return [subprocess.Popen(c, cwd=REPO, env=_env(devices), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True) for c in commands]
+
+
+def wait(procs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[tuple[int, str]]:
+  """(exit status, stderr) of every process; kills them all when one overruns or fails early."""
+  deadline = time.monotonic() + timeout
+  results = []
+  try:
+    for proc in procs:
+      _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+      results.append((proc.returncode, err))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+  return results
+
+
+def run(workdir: pathlib.Path, processes: int, devices: int = 1) -> None:
+  for i, (code, err) in enumerate(wait(launch(workdir, processes, devices))):
+    assert code == 0, f"process {i} of {processes} exited {code}:\n{err[-3000:]}"
+
+
+def state_at(workdir: pathlib.Path, step: int) -> dict[str, list[np.ndarray]]:
+  found = checkpoints.restore(str(workdir), step=step)
+  assert found is not None and found[0] == step, (workdir, step, found and found[0])
+  return {k: [np.asarray(x) for x in jax.tree.leaves(found[1][k])] for k in ("params", "batch_stats")}
+
+
+def max_difference(a: dict[str, list[np.ndarray]], b: dict[str, list[np.ndarray]]) -> float:
+  assert {k: len(v) for k, v in a.items()} == {k: len(v) for k, v in b.items()}
+  return max(float(np.max(np.abs(x - y))) for k in a for x, y in zip(a[k], b[k]))
+
+
+def resume_from(source: pathlib.Path, step: int, target: pathlib.Path) -> pathlib.Path:
+  """A copy of run `source` as it was when step `step` had just been saved."""
+  shutil.copytree(source, target)
+  for name in os.listdir(target / "checkpoints"):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(target / "checkpoints" / name)
+  (target / "final_metrics.json").unlink(missing_ok=True)
+  return target
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The uninterrupted run as 2 processes x 1 device and as 1 process x 2 devices (their workdirs)."""
+  root = tmp_path_factory.mktemp("multiprocess")
+  two_processes, two_devices = root / "2x1", root / "1x2"
+  procs = launch(two_processes, 2)  # the two launches overlap: 3 processes share the 2 cores
+  run(two_devices, 1, devices=2)
+  for i, (code, err) in enumerate(wait(procs)):
+    assert code == 0, f"process {i} of 2 exited {code}:\n{err[-3000:]}"
+  return two_processes, two_devices
+
+
+@pytest.mark.slow
+def test_two_processes_compute_what_one_process_computes(runs, tmp_path):
+  two_processes, two_devices = runs
+  final = state_at(two_processes, STEPS)
+  # The same SPMD program on the same 2 devices: only where the all-reduce runs differs.
+  assert max_difference(final, state_at(two_devices, STEPS)) <= 1e-6
+  one_device = tmp_path / "1x1"
+  run(one_device, 1)
+  # One device runs both shards vmapped: other float rounding, which this tiny net at LR 0.05 amplifies
+  # ~10-100x a step (2e-7, 5e-5, 4e-3 after steps 2, 4, 6), so it is compared at step 2.
+  assert max_difference(state_at(two_processes, 2), state_at(one_device, 2)) <= 1e-6
+
+
+@pytest.mark.slow
+def test_elastic_resume_between_two_processes_and_one(runs, tmp_path):
+  two_processes, two_devices = runs
+  reference = state_at(two_processes, STEPS)
+  # 2 processes wrote step 4; 1 process (2 devices) continues it. And the other way round.
+  procs = launch(resume_from(two_processes, 4, tmp_path / "2to1"), 1, devices=2)
+  run(resume_from(two_devices, 4, tmp_path / "1to2"), 2)
+  for code, err in wait(procs):
+    assert code == 0, err[-3000:]
+  assert max_difference(state_at(tmp_path / "2to1", STEPS), reference) <= 1e-6
+  assert max_difference(state_at(tmp_path / "1to2", STEPS), reference) <= 1e-6
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
+  two_processes, _ = runs
+  workdir = tmp_path / "sigterm"
+  procs = launch(workdir, 2)
+  # SIGTERM to process 1 once process 0 has logged a step: training is under way on both.
+  seen, deadline = [], time.monotonic() + TIMEOUT
+  try:
+    while time.monotonic() < deadline:
+      line = procs[0].stderr.readline()
+      if not line:
+        break
+      seen.append(line)
+      if f"step 1/{STEPS}" in line:
+        procs[1].send_signal(signal.SIGTERM)
+        break
+    assert any(f"step 1/{STEPS}" in line for line in seen), "".join(seen)[-3000:]
+  except BaseException:
+    for proc in procs:
+      proc.kill()
+    raise
+  results = wait(procs)
+  stopped = []
+  for i, (code, err) in enumerate(results):
+    text = "".join(seen) + err if i == 0 else err
+    assert code == 128 + signal.SIGTERM, f"process {i} exited {code}:\n{text[-3000:]}"
+    lines = [line for line in text.splitlines() if line.startswith("preempted: stopped by SIGTERM after")]
+    assert len(lines) == 1 and "run the same command to resume" in lines[0], text[-3000:]
+    stopped.append(int(lines[0].split("after step ")[1].split()[0]))
+  assert stopped[0] == stopped[1] < STEPS, stopped
+  assert max(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == stopped[0]
+  run(workdir, 2)  # the same commands resume and finish the run
+  assert max_difference(state_at(workdir, STEPS), state_at(two_processes, STEPS)) <= 1e-6
