@@ -65,8 +65,12 @@ def maybe_initialize_distributed(train: Any) -> None:
                            "(host:port of process 0, the same for every process)")
   # Our own SIGTERM handling (msdfuse_jax.preemption) agrees on the stopping step inside the train step;
   # JAX's preemption service would replace the process's SIGTERM handler with its own.
-  jax.config.update("jax_enable_preemption_service", False)
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  for option, value in (("jax_enable_preemption_service", False),
+                        ("jax_cpu_collectives_implementation", "gloo")):
+    try:
+      jax.config.update(option, value)
+    except AttributeError:  # an option a later JAX renamed or dropped: its default then applies
+      logging.warning("this JAX has no option %s; left at its default", option)
   kwargs = {}
   if address:
     kwargs["coordinator_address"] = address

@@ -345,7 +345,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   pipeline = config.data.get("pipeline", "device")
   if pipeline not in PIPELINES:
     raise ConfigError(f"config.data.pipeline={pipeline!r} is not one of {PIPELINES}")
-  data = cifar.load_cifar(config.dataset, config.data, workdir)
+  # Process 0 writes the run's files (every process computes the same validation split).
+  data = cifar.load_cifar(config.dataset, config.data, workdir, save_split=jax.process_index() == 0)
   if jax.process_index() == 0:
     rundir.save_config(workdir, config)
   plan = make_plan(config.train, len(data.train_images))

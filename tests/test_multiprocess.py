@@ -4,12 +4,12 @@ The processes meet over 127.0.0.1 (a free port each time) and reduce through the
 are a faithful small cluster. Every run below is the real CLI in subprocesses (bounded in time), with one
 config: msdnet_tiny on the real CIFAR-10 subset, 10 steps of 2 shards of 16, checkpoints every 2 steps.
 
+- SIGTERM to one process of a 2-process run: both save the same step and say how to resume; the same
+  commands then finish the run.
 - The same run as 2 processes x 1 device, 1 process x 2 devices and 1 process x 1 device (both shards
   vmapped on it) ends with the same parameters and BatchNorm statistics.
 - Elastic resume: a checkpoint of the 2-process run continues in 1 process, and one of a 1-process run in
-  2 processes, to the uninterrupted result.
-- SIGTERM to one process of a 2-process run: both save the same step and say how to resume; the same
-  commands then finish the run.
+  2 processes (with the stream pipeline), to the uninterrupted result.
 """
 
 import contextlib
@@ -61,9 +61,10 @@ def _env(devices: int) -> dict[str, str]:
   return env
 
 
-def launch(workdir: pathlib.Path, processes: int, devices: int = 1) -> list[subprocess.Popen]:
+def launch(workdir: pathlib.Path, processes: int, devices: int = 1, extra: tuple[str, ...] = ()
+           ) -> list[subprocess.Popen]:
   """Starts the run in `workdir` as `processes` processes of `devices` CPU devices each."""
-  command = [sys.executable, "-m", "msdfuse_jax.tools.train_main", *_flags(workdir)]
+  command = [sys.executable, "-m", "msdfuse_jax.tools.train_main", *_flags(workdir), *extra]
   if processes > 1:
     port = _free_port()
     commands = [command + ["--config.train.distributed=True",
@@ -92,8 +93,8 @@ def wait(procs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[tuple[
   return results
 
 
-def run(workdir: pathlib.Path, processes: int, devices: int = 1) -> None:
-  for i, (code, err) in enumerate(wait(launch(workdir, processes, devices))):
+def run(workdir: pathlib.Path, processes: int, devices: int = 1, extra: tuple[str, ...] = ()) -> None:
+  for i, (code, err) in enumerate(wait(launch(workdir, processes, devices, extra))):
     assert code == 0, f"process {i} of {processes} exited {code}:\n{err[-3000:]}"
 
 
@@ -118,24 +119,64 @@ def resume_from(source: pathlib.Path, step: int, target: pathlib.Path) -> pathli
   return target
 
 
+def interrupt(procs: list[subprocess.Popen]) -> list[int]:
+  """Sends SIGTERM to the last process once process 0 has logged step 1; returns the step each process
+  says it stopped after (checking that each exited 143 with the resume message)."""
+  seen, deadline = [], time.monotonic() + TIMEOUT
+  try:
+    while time.monotonic() < deadline:
+      line = procs[0].stderr.readline()
+      if not line:
+        break
+      seen.append(line)
+      if f"step 1/{STEPS}" in line:
+        procs[-1].send_signal(signal.SIGTERM)
+        break
+    assert any(f"step 1/{STEPS}" in line for line in seen), "".join(seen)[-3000:]
+  except BaseException:
+    for proc in procs:
+      proc.kill()
+    raise
+  stopped = []
+  for i, (code, err) in enumerate(wait(procs)):
+    text = "".join(seen) + err if i == 0 else err
+    assert code == 128 + signal.SIGTERM, f"process {i} exited {code}:\n{text[-3000:]}"
+    lines = [line for line in text.splitlines() if line.startswith("preempted: stopped by SIGTERM after")]
+    assert len(lines) == 1 and "run the same command to resume" in lines[0], text[-3000:]
+    stopped.append(int(lines[0].split("after step ")[1].split()[0]))
+  return stopped
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The uninterrupted run as 2 processes x 1 device and as 1 process x 2 devices (their workdirs)."""
+  """The run as 1 process x 2 devices (uninterrupted) and as 2 processes x 1 device, stopped by a SIGTERM
+  to process 1 and resumed by the same commands: their workdirs and where the 2 processes stopped."""
   root = tmp_path_factory.mktemp("multiprocess")
   two_processes, two_devices = root / "2x1", root / "1x2"
   procs = launch(two_processes, 2)  # the two launches overlap: 3 processes share the 2 cores
-  run(two_devices, 1, devices=2)
-  for i, (code, err) in enumerate(wait(procs)):
-    assert code == 0, f"process {i} of 2 exited {code}:\n{err[-3000:]}"
-  return two_processes, two_devices
+  reference = launch(two_devices, 1, devices=2)
+  stopped = interrupt(procs)
+  for code, err in wait(reference):
+    assert code == 0, err[-3000:]
+  saved = sorted(int(n) for n in os.listdir(two_processes / "checkpoints") if n.isdigit())
+  run(two_processes, 2)  # the same commands resume and finish the run
+  return two_processes, two_devices, stopped, saved
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(runs):
+  two_processes, two_devices, stopped, saved = runs
+  assert stopped[0] == stopped[1] < STEPS, stopped
+  assert saved[-1] == stopped[0], (saved, stopped)
+  # ... and the resumed run ends where the uninterrupted one does.
+  assert max_difference(state_at(two_processes, STEPS), state_at(two_devices, STEPS)) <= 1e-6
 
 
 @pytest.mark.slow
 def test_two_processes_compute_what_one_process_computes(runs, tmp_path):
-  two_processes, two_devices = runs
-  final = state_at(two_processes, STEPS)
+  two_processes, two_devices, _, _ = runs
   # The same SPMD program on the same 2 devices: only where the all-reduce runs differs.
-  assert max_difference(final, state_at(two_devices, STEPS)) <= 1e-6
+  assert max_difference(state_at(two_processes, STEPS), state_at(two_devices, STEPS)) <= 1e-6
   one_device = tmp_path / "1x1"
   run(one_device, 1)
   # One device runs both shards vmapped: other float rounding, which this tiny net at LR 0.05 amplifies
@@ -145,47 +186,41 @@ def test_two_processes_compute_what_one_process_computes(runs, tmp_path):
 
 @pytest.mark.slow
 def test_elastic_resume_between_two_processes_and_one(runs, tmp_path):
-  two_processes, two_devices = runs
-  reference = state_at(two_processes, STEPS)
-  # 2 processes wrote step 4; 1 process (2 devices) continues it. And the other way round.
-  procs = launch(resume_from(two_processes, 4, tmp_path / "2to1"), 1, devices=2)
-  run(resume_from(two_devices, 4, tmp_path / "1to2"), 2)
+  two_processes, two_devices, _, _ = runs
+  reference = state_at(two_devices, STEPS)
+  # 2 processes wrote step 6; 1 process (2 devices) continues it. And the other way round, with the
+  # stream pipeline: 2 processes, each reading only its own shards on the host, continue step 4 of the
+  # 1-process run of the device pipeline.
+  procs = launch(resume_from(two_processes, 6, tmp_path / "2to1"), 1, devices=2)
+  run(resume_from(two_devices, 4, tmp_path / "1to2"), 2, extra=("--config.data.pipeline=stream",))
   for code, err in wait(procs):
     assert code == 0, err[-3000:]
   assert max_difference(state_at(tmp_path / "2to1", STEPS), reference) <= 1e-6
   assert max_difference(state_at(tmp_path / "1to2", STEPS), reference) <= 1e-6
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
-  two_processes, _ = runs
-  workdir = tmp_path / "sigterm"
-  procs = launch(workdir, 2)
-  # SIGTERM to process 1 once process 0 has logged a step: training is under way on both.
-  seen, deadline = [], time.monotonic() + TIMEOUT
-  try:
-    while time.monotonic() < deadline:
-      line = procs[0].stderr.readline()
-      if not line:
-        break
-      seen.append(line)
-      if f"step 1/{STEPS}" in line:
-        procs[1].send_signal(signal.SIGTERM)
-        break
-    assert any(f"step 1/{STEPS}" in line for line in seen), "".join(seen)[-3000:]
-  except BaseException:
-    for proc in procs:
-      proc.kill()
-    raise
-  results = wait(procs)
-  stopped = []
-  for i, (code, err) in enumerate(results):
-    text = "".join(seen) + err if i == 0 else err
-    assert code == 128 + signal.SIGTERM, f"process {i} exited {code}:\n{text[-3000:]}"
-    lines = [line for line in text.splitlines() if line.startswith("preempted: stopped by SIGTERM after")]
-    assert len(lines) == 1 and "run the same command to resume" in lines[0], text[-3000:]
-    stopped.append(int(lines[0].split("after step ")[1].split()[0]))
-  assert stopped[0] == stopped[1] < STEPS, stopped
-  assert max(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == stopped[0]
-  run(workdir, 2)  # the same commands resume and finish the run
-  assert max_difference(state_at(workdir, STEPS), state_at(two_processes, STEPS)) <= 1e-6
+@pytest.mark.parametrize("fields, message", [
+    (dict(distributed=False, process_id=1), "but config.train.distributed is False"),
+    (dict(distributed=True, process_id=1), "set both config.train.num_processes and config.train.process_id"),
+    (dict(distributed=True, num_processes=2, process_id=2), r"process_id=2 must be in \[0, "),
+    (dict(distributed=True, num_processes=2, process_id=0), "without config.train.coordinator_address"),
+])
+def test_inconsistent_distributed_fields_are_named(fields, message):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from msdfuse_jax import parallel  # pylint: disable=import-outside-toplevel
+  train = ml_collections.ConfigDict(dict(distributed=False, coordinator_address="", num_processes=0,
+                                         process_id=-1))
+  train.update(fields)
+  with pytest.raises(parallel.DistributedError, match=message):
+    parallel.maybe_initialize_distributed(train)
+
+
+def test_cli_with_inconsistent_distributed_fields_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "msdfuse_jax.tools.train_main", *_flags(tmp_path / "run"),
+                         "--config.train.distributed=True", "--config.train.num_processes=2",
+                         "--config.train.process_id=5"], capture_output=True, text=True, cwd=REPO,
+                        env=_env(1), timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "process_id=5" in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr

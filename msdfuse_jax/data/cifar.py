@@ -126,7 +126,8 @@ def _check_saved_split(saved: dict[str, Any], path: str, dataset: str,
 
 
 def resolve_val_split(dataset: str, num_train: int, val_size: int,
-                      split_seed: int, workdir: str | None = None) -> np.ndarray:
+                      split_seed: int, workdir: str | None = None, *,
+                      save: bool = True) -> np.ndarray:
   """Returns the validation indices, reusing `workdir/val_split.json` if any.
 
   Args:
@@ -135,6 +136,9 @@ def resolve_val_split(dataset: str, num_train: int, val_size: int,
     val_size: configured number of held-out images (see `effective_val_size`).
     split_seed: seed of `np.random.default_rng` for the permutation.
     workdir: where the split is saved; None keeps it in memory only.
+    save: False only reads a saved split (the processes of a multi-process
+      run other than process 0, which compute the same split and leave the
+      writing to it).
 
   Returns:
     int64 indices into the official training set: the first `val_size`
@@ -167,12 +171,12 @@ def resolve_val_split(dataset: str, num_train: int, val_size: int,
   size = effective_val_size(val_size, num_train)
   indices = np.random.default_rng(split_seed).permutation(num_train)[:size]
   indices = indices.astype(np.int64)
-  if path:
+  if path and save:
     os.makedirs(workdir, exist_ok=True)
     record = dict(dataset=dataset, num_train=num_train, val_size=size,
                   split_seed=split_seed, val_indices=indices.tolist())
-    # Write then rename: several processes of a multi-host job may save the
-    # (identical) split at once, and a reader must never see half a file.
+    # Write then rename: a reader (another process) must never see half a
+    # file.
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
       json.dump(record, f)
@@ -211,7 +215,7 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar(dataset: str, data_cfg: Any,
-               workdir: str | None = None) -> CifarData:
+               workdir: str | None = None, *, save_split: bool = True) -> CifarData:
   """Loads CIFAR-10/100 with the run's validation split.
 
   Args:
@@ -229,6 +233,8 @@ def load_cifar(dataset: str, data_cfg: Any,
       `normalization` ('train': statistics of the training images used;
       'published': MSDNet-PyTorch's constants, for imported weights).
     workdir: if given, the validation split is saved there and reused.
+    save_split: False reads a saved split but never writes one (see
+      `resolve_val_split`).
 
   Returns:
     A `CifarData`.
@@ -254,7 +260,7 @@ def load_cifar(dataset: str, data_cfg: Any,
   num_train = len(raw.train_images)
   val_indices = resolve_val_split(
       dataset, num_train, int(_field(data_cfg, "val_size", 5000)),
-      int(_field(data_cfg, "split_seed", 0)), workdir)
+      int(_field(data_cfg, "split_seed", 0)), workdir, save=save_split)
   if _field(data_cfg, "train_includes_val", False):
     train_images, train_labels = raw.train_images, raw.train_labels
   else:
