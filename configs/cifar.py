@@ -91,7 +91,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.nesterov = True  # the authors' code uses Nesterov
   config.optim.weight_decay = 1e-4
   config.optim.decay_1d = False  # False: biases and other 1-D parameters (BatchNorm) get no decay
-  config.optim.warmup_epochs = 20.0  # linear warm-up from 0, then cosine decay per step
+  config.optim.warmup_epochs = 20.0  # linear warm-up from 0, then the schedule
+  config.optim.schedule = "cosine"  # cosine: per-step decay to 0; step: x decay_factor at decay_epochs
+  config.optim.decay_epochs = ()  # step schedule only
+  config.optim.decay_factor = 0.1
   config.optim.exit_weights = ml_collections.FieldReference(None, field_type=tuple)  # None: plain sum
 
   config.train = ml_collections.ConfigDict()

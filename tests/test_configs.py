@@ -1,5 +1,8 @@
-"""configs/cifar.py: presets, runlocal, overrides through the real flag parser, errors."""
+"""configs/cifar.py and configs/imagenet.py: presets, runlocal, recipes, overrides through the real flag
+parser, errors."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -10,7 +13,7 @@ from absl import flags
 from configs import cifar
 from msdfuse_jax import models, rundir
 from msdfuse_jax.tools import flags_util
-from tests.conftest import REPO
+from tests.conftest import REPO, shared_file
 
 CONFIG_FILE = str(REPO / "configs" / "cifar.py")
 
@@ -147,3 +150,36 @@ def test_saved_config_round_trips(tmp_path):
   assert models.from_config(loaded).num_exits == 8
   with pytest.raises(FileNotFoundError, match="not a run directory"):
     rundir.load_config(str(tmp_path / "missing"))
+
+
+IMAGENET_CONFIG = str(REPO / "configs" / "imagenet.py")
+
+
+def test_imagenet_recipes_and_costs_cli(tmp_path):
+  from configs import imagenet  # pylint: disable=import-outside-toplevel
+  msdnet = imagenet.get_config("model=msdnet_imagenet_step4")
+  assert (msdnet.optim.schedule, tuple(msdnet.optim.decay_epochs), msdnet.train.num_epochs,
+          msdnet.train.batch_size, msdnet.optim.learning_rate) == ("step", (30, 60), 90, 256, 0.1)
+  l2w = imagenet.get_config("model=msdnet_imagenet_step6,recipe=l2w_den_300")
+  assert (l2w.optim.schedule, l2w.train.num_epochs, l2w.train.batch_size, l2w.optim.learning_rate,
+          l2w.aug.label_smoothing) == ("cosine", 300, 4096, 0.8, 0.1)
+  with pytest.raises(ValueError, match="not an ImageNet-mode preset"):
+    imagenet.get_config("model=msdnet_anytime7")
+  # msdfuse-costs counts at 224x224 with 1,000 classes: the reference integers of the tiny config.
+  ref = json.loads(shared_file("reference", "model_counts_imagenet.json").read_text())["msdnet_imagenet_tiny"]
+  out = tmp_path / "costs.json"
+  proc = subprocess.run([sys.executable, "-m", "msdfuse_jax.tools.costs_main",
+                         f"--config={IMAGENET_CONFIG}:runlocal", "--noxla", f"--json={out}"],
+                        capture_output=True, text=True, cwd=REPO, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report["dataset"] == "imagenet2012" and report["model"] == "msdnet_imagenet_tiny"
+  assert [e["op_counter"] for e in report["exits"]] == [int(v) for v in ref["op_counter_flops"]]
+  # Training says in one line that ImageNet cannot be read yet.
+  proc = subprocess.run([sys.executable, "-m", "msdfuse_jax.tools.train_main",
+                         f"--config={IMAGENET_CONFIG}:runlocal", f"--workdir={tmp_path / 'run'}"],
+                        capture_output=True, text=True, cwd=REPO, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2 and "cannot be read yet" in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr

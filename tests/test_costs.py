@@ -86,6 +86,21 @@ def test_msdnet_reproduces_reference_counts(preset, ref_name, dataset, num_class
   assert got[-1].params == ref["total_params"]
 
 
+@pytest.mark.parametrize("preset", ["msdnet_imagenet_tiny", "msdnet_imagenet_step4"])
+def test_msdnet_imagenet_mode_reproduces_reference_counts(preset):
+  # 224x224, 1,000 classes; the max-pool of the ImageNet stem counts like average pooling, the stem conv's
+  # bias adds parameters but no ops, and the jaxpr walk needs nothing ImageNet-specific.
+  ref = json.loads(shared_file("reference", "model_counts_imagenet.json").read_text())[preset]
+  model = models.build_model(preset, 1000)
+  args = ref["args"]
+  assert (model.n_blocks, model.n_channels, model.base, model.step, model.growth_rate) == (
+      args["nBlocks"], args["nChannels"], args["base"], args["step"], args["growthRate"])
+  assert tuple(model.gr_factor) == tuple(args["grFactor"]) and tuple(model.bn_factor) == tuple(args["bnFactor"])
+  got = costs.exit_costs(model, image_size=224, with_xla=False)
+  assert [c.op_counter for c in got] == [int(v) for v in ref["op_counter_flops"]]
+  assert [c.params for c in got] == ref["op_counter_params"]
+
+
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_msdfuse_sits_on_the_papers_envelope(num_classes):
   got = costs.exit_costs(models.build_model("msdfuse", num_classes), with_xla=False)

@@ -66,9 +66,10 @@ def _torch_style(model, variables):
   return out
 
 
-@pytest.mark.parametrize("name,overrides", [("msdnet_budget5", {}),
+@pytest.mark.parametrize("name,overrides", [("msdnet_tiny", {"step_mode": "lin_grow", "step": 1, "base": 1}),
                                             ("msdnet_tiny", {"bottleneck": False}),
-                                            ("msdnet_tiny", {"gr_factor": (1, 2), "bn_factor": (1, 2)})])
+                                            ("msdnet_tiny", {"gr_factor": (1, 2), "bn_factor": (1, 2)}),
+                                            ("msdnet_imagenet_tiny", {"step": 3, "base": 3})])
 def test_name_mapping_covers_other_msdnet_configs(name, overrides):
   model = models.build_model(name, 10, **overrides)
   variables = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))
@@ -97,3 +98,16 @@ def test_import_cli_writes_a_loadable_run(tmp_path, reference):
   model = models.from_config(loaded)
   out = np.stack(model.apply(variables, jnp.asarray(images)))
   np.testing.assert_allclose(out, logits, atol=1e-4, rtol=0)
+
+
+def test_converted_imagenet_model_reproduces_reference_logits():
+  # MSDNet-PyTorch's ImageNet mode (7x7/2 stem conv with bias, max-pool, width-keeping classifiers), the
+  # tiny configuration of ../shared/reference/model_counts_imagenet.json, 224x224 inputs, 1,000 classes.
+  data = np.load(shared_file("reference", "msdnet_imagenet_tiny_seed7_bnrand.npz"))
+  state_dict = {k: data[k] for k in data.files if k not in ("input", "logits")}
+  model = models.build_model("msdnet_imagenet_tiny", 1000)
+  variables = torch_msdnet.convert_state_dict(model, state_dict)
+  images = jnp.asarray(np.transpose(data["input"], (0, 2, 3, 1)))
+  out = np.stack(jax.jit(model.apply)(variables, images))
+  assert out.shape == data["logits"].shape == (3, 2, 1000)
+  np.testing.assert_allclose(out, data["logits"], atol=1e-4, rtol=0)

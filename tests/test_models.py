@@ -276,3 +276,16 @@ def test_batchnorm_running_variance_follows_pytorch_or_flax(unbiased):
   # The forward pass normalises with the biased batch variance either way (as both frameworks do).
   np.testing.assert_allclose(np.asarray(y).reshape(n, 2), (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_imagenet_mode_is_msdnets_and_names_what_it_needs():
+  model = models.build_model("msdnet_imagenet_tiny", 1000)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+  stem = variables["params"]["block1"]["layer0"]["scale1"]["conv"]
+  assert stem["kernel"].shape == (7, 7, 3, 8) and stem["bias"].shape == (8,)  # 7x7/2 with bias
+  # The classifiers keep their input width (n_channels * gr_factor[-1] plus growth), not 128.
+  head = variables["params"]["exit1"]
+  assert head["conv1"]["conv"]["kernel"].shape[-1] == head["conv1"]["conv"]["kernel"].shape[-2]
+  assert head["linear"]["kernel"].shape[-1] == 1000
+  with pytest.raises(ValueError, match="imagenet=True is MSDNet's ImageNet mode.*stem='msdnet'"):
+    models.build_model("msdnet_imagenet_tiny", 1000, stem="efficient").validate()

@@ -34,3 +34,22 @@ def test_weight_decay_exempts_biases_and_1d_parameters_unless_asked(decay_1d):
   expected_1d = -0.95 if decay_1d else 0.0
   np.testing.assert_allclose(updates["bias"], expected_1d, rtol=1e-6)
   np.testing.assert_allclose(updates["bn"]["scale"], expected_1d, rtol=1e-6)
+
+
+@pytest.mark.parametrize("warmup_epochs", [0.0, 1.0])
+def test_step_schedule_multiplies_at_the_decay_epochs(warmup_epochs):
+  # MSDNet's ImageNet recipe: x0.1 at epochs 30 and 60 (here 10 steps an epoch), after an optional warm-up.
+  cfg = ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_epochs=warmup_epochs, schedule="step",
+                                       decay_epochs=(30, 60), decay_factor=0.1))
+  schedule = optim.learning_rate_schedule(cfg, steps_per_epoch=10, total_steps=900)
+  lr = lambda step: float(schedule(step))
+  if warmup_epochs:
+    assert lr(0) == 0.0 and lr(5) == pytest.approx(0.05)
+  np.testing.assert_allclose([lr(100), lr(299), lr(300), lr(599), lr(600), lr(899)],
+                             [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_unknown_schedule_is_named():
+  cfg = ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_epochs=0.0, schedule="linear"))
+  with pytest.raises(ValueError, match="config.optim.schedule='linear' is not one of"):
+    optim.learning_rate_schedule(cfg, 10, 100)

@@ -39,6 +39,7 @@ DATASETS: dict[str, dict[str, Any]] = {
         test_files=("test_batch",),
         label_key=b"labels",
         binary_archive="cifar-10-binary.tar.gz",
+        image_size=32,
     ),
     "cifar100": dict(
         title="CIFAR-100",
@@ -49,6 +50,13 @@ DATASETS: dict[str, dict[str, Any]] = {
         test_files=("test",),
         label_key=b"fine_labels",
         binary_archive="cifar-100-binary.tar.gz",
+        image_size=32,
+    ),
+    # Known to the models, costs and weight import; it cannot be read yet (no readers below).
+    "imagenet2012": dict(
+        title="ImageNet (ILSVRC 2012)",
+        num_classes=1000,
+        image_size=224,
     ),
 }
 
@@ -60,6 +68,12 @@ def num_classes(dataset: str) -> int:
     return int(DATASETS[dataset]["num_classes"])
   except KeyError:
     raise ValueError(f"unknown dataset {dataset!r}; valid choices: {sorted(DATASETS)}") from None
+
+
+def image_size(dataset: str) -> int:
+  """The height and width the models take for `dataset` (32 for CIFAR, 224 for ImageNet)."""
+  num_classes(dataset)  # the error for an unknown dataset
+  return int(DATASETS[dataset]["image_size"])
 
 
 _IMAGE_SHAPE_CHW = (3, 32, 32)
@@ -85,7 +99,12 @@ def dataset_spec(dataset: str) -> dict[str, Any]:
   if dataset not in DATASETS:
     raise DataError(
         f"Unknown dataset {dataset!r}: expected one of {sorted(DATASETS)}.")
-  return DATASETS[dataset]
+  spec = DATASETS[dataset]
+  if "python_archive" not in spec:
+    raise DataError(
+        f"{spec['title']} cannot be read yet: only CIFAR-10/100 have data sources. Its models, costs "
+        "(msdfuse-costs) and the import of MSDNet-PyTorch weights work.")
+  return spec
 
 
 # ---------------------------------------------------------------------------

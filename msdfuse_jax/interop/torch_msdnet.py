@@ -8,7 +8,9 @@ PyTorch layout, for reference (``b`` a 0-based block, ``i`` the position in that
 ``blocks.{b}.{i}.layers.{j}`` (j-th output scale; ``conv_normal`` and, when it reads the finer scale,
 ``conv_down``, each a ConvBN Sequential ``net.{0,1}`` bottleneck + ``net.{3,4}`` 3x3), followed, when it
 drops a scale, by a transition entry ``blocks.{b}.{i+1}.m.{j}.net.{0,1}``; the heads are
-``classifier.{b}.m.{0,1}.net.{0,1}`` and ``classifier.{b}.linear``.
+``classifier.{b}.m.{0,1}.net.{0,1}`` and ``classifier.{b}.linear``. In ImageNet mode the first layer's
+scale 1 is ``blocks.0.0.layers.0.{0: conv with bias, 1: bn}`` and the classifiers keep their input width
+(same names).
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def _conv_bn_units(model: MSDNet) -> Iterator[tuple[str, Path, str]]:
     position = 0
     if b == 0:
       for s in range(n_scales):
-        yield f"blocks.0.0.layers.{s}", (block, "layer0", f"scale{s + 1}"), "basic"
+        # ImageNet mode: scale 1 is a plain Sequential (conv 7x7 with bias, bn, relu, max-pool).
+        kind = "stem7x7" if model.imagenet and s == 0 else "basic"
+        yield f"blocks.0.0.layers.{s}", (block, "layer0", f"scale{s + 1}"), kind
       position = 1
     for plan in plans:
       offset = n_scales - plan.out_scales
@@ -77,7 +81,10 @@ def _torch_to_flax_names(model: MSDNet) -> dict[str, tuple[str, Path, Any]]:
     names[f"{bn}.running_var"] = ("batch_stats", flax_path + ("bn", "var"), identity)
 
   for prefix, path, kind in _conv_bn_units(model):
-    if kind == "basic":
+    if kind == "stem7x7":
+      conv_bn(f"{prefix}.0", f"{prefix}.1", path)
+      names[f"{prefix}.0.bias"] = ("params", path + ("conv", "bias"), identity)
+    elif kind == "basic":
       conv_bn(f"{prefix}.net.0", f"{prefix}.net.1", path)
     elif model.bottleneck:
       # Bottleneck conv, bn, relu at net.0-2, then the 3x3 conv and its bn at net.3 / net.4.

@@ -22,6 +22,9 @@ from msdfuse_jax.models.resnet_mc import ResNetMC
 _MSDFUSE_SWITCHES = dict(stem="efficient", fusion=True, fused_transition=True, head="msdfuse",
                          activation="gelu")
 
+_IMAGENET = dict(n_blocks=5, step_mode="even", base=4, n_channels=32, growth_rate=16,
+                 gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4), imagenet=True)
+
 # name -> (module class, hyper-parameters). Every field not given takes the class default.
 PRESETS: dict[str, tuple[type[MultiExitModule], dict[str, Any]]] = {
     # MSDNet-PyTorch README, anytime CIFAR: 7 exits after layers 4, 6, ..., 16.
@@ -33,7 +36,15 @@ PRESETS: dict[str, tuple[type[MultiExitModule], dict[str, Any]]] = {
     "msdnet_budget7": (MSDNet, dict(n_blocks=7, step_mode="lin_grow", step=1, base=1, n_channels=16)),
     # The paper's model, widths calibrated to its cost envelope: see `MSDFuse`'s docstring.
     "msdfuse": (MSDFuse, {}),
+    # ImageNet mode (224x224, MSDNet-PyTorch `--data ImageNet`): the README command (step 4) and the step 6
+    # and 7 models of the L2W-DEN pretrained checkpoints; 5 blocks, base 4, 4 scales.
+    "msdnet_imagenet_step4": (MSDNet, dict(_IMAGENET, step=4)),
+    "msdnet_imagenet_step6": (MSDNet, dict(_IMAGENET, step=6)),
+    "msdnet_imagenet_step7": (MSDNet, dict(_IMAGENET, step=7)),
     # Tiny variants for tests and `runlocal` runs: every code path, a fraction of the cost.
+    "msdnet_imagenet_tiny": (MSDNet, dict(n_blocks=3, step_mode="even", step=2, base=2, n_channels=8,
+                                          growth_rate=4, gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4),
+                                          imagenet=True)),
     "msdnet_tiny": (MSDNet, dict(n_blocks=3, step_mode="even", step=2, base=2, n_channels=4,
                                  growth_rate=2, head_width=8)),
     "msdfuse_tiny": (MSDNet, dict(n_blocks=3, step_mode="even", step=2, base=2, n_channels=4,

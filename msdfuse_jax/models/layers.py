@@ -129,7 +129,11 @@ def batch_norm(unbiased_var: bool = True, dtype: Dtype = jnp.float32) -> Callabl
 
 
 class ConvBasic(nn.Module):
-  """conv (no bias) -> `norm` -> activation, with PyTorch-style symmetric padding."""
+  """conv -> `norm` -> activation, with PyTorch-style symmetric padding.
+
+  The conv has no bias unless `use_bias` (MSDNet's ImageNet stem), whose init is then PyTorch's default,
+  U(+-1/sqrt(fan_in)).
+  """
 
   features: int
   kernel: int = 3
@@ -138,18 +142,21 @@ class ConvBasic(nn.Module):
   activation: str = "relu"
   norm: Callable[..., nn.Module] = BatchNorm
   kernel_init: Initializer = conv_kernel_init
+  use_bias: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     pad = self.kernel // 2
+    fan_in = self.kernel * self.kernel * x.shape[-1] // self.groups
     x = nn.Conv(
         self.features,
         (self.kernel, self.kernel),
         strides=(self.stride, self.stride),
         padding=((pad, pad), (pad, pad)),
         feature_group_count=self.groups,
-        use_bias=False,
+        use_bias=self.use_bias,
+        bias_init=torch_default_bias_init(fan_in),
         kernel_init=self.kernel_init,
         dtype=self.dtype,
         name="conv",
@@ -205,7 +212,8 @@ class Head(nn.Module):
 
 
 class MSDNetHead(Head):
-  """MSDNet's CIFAR classifier: two 3x3 stride-2 ConvBasic to 128, 2x2 average pool, Linear.
+  """MSDNet's classifier: two 3x3 stride-2 ConvBasic to `width` (128 on CIFAR; 0 keeps the input width, as
+  MSDNet's ImageNet classifier does), 2x2 average pool, Linear.
 
   On a map smaller than 8x8 (the efficient stem halves every scale) the two convolutions leave a 1x1 map
   that a 2x2 pool cannot take, so a global average pool is used there instead.
@@ -213,7 +221,8 @@ class MSDNetHead(Head):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    conv = functools.partial(ConvBasic, self.width, kernel=3, stride=2, activation=self.activation,
+    conv = functools.partial(ConvBasic, self.width or x.shape[-1], kernel=3, stride=2,
+                             activation=self.activation,
                              norm=self.norm, kernel_init=self.param_init.conv, dtype=self.dtype)
     x = conv(name="conv1")(x, train=train)
     x = conv(name="conv2")(x, train=train)

@@ -160,7 +160,11 @@ class EfficientStem(nn.Module):
 
 
 class FirstLayer(nn.Module):
-  """The first layer: one tensor per scale, each scale a stride-2 ConvBasic of the finer one."""
+  """The first layer: one tensor per scale, each scale a stride-2 ConvBasic of the finer one.
+
+  ImageNet mode (MSDNet's): scale 1 is conv 7x7 stride 2 with bias -> BN -> ReLU -> max-pool 3x3 stride 2
+  (224 -> 112 -> 56) instead of the CIFAR ConvBasic 3x3.
+  """
 
   n_channels: int
   gr_factor: Sequence[int]
@@ -169,6 +173,7 @@ class FirstLayer(nn.Module):
   activation: str = "relu"
   norm: Callable[..., nn.Module] = layers.BatchNorm
   param_init: layers.Init = layers.INITS["pytorch"]
+  imagenet: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -179,6 +184,9 @@ class FirstLayer(nn.Module):
     if self.stem == "efficient":
       x = EfficientStem(widths[0], self.stem_pointwise, self.activation, self.norm, self.param_init, self.dtype,
                         name="stem")(x, train=train)
+    elif self.imagenet:
+      x = conv(widths[0], kernel=7, stride=2, use_bias=True, name="scale1")(x, train=train)
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
       x = conv(widths[0], name="scale1")(x, train=train)
     xs = [x]
@@ -203,6 +211,7 @@ class BlockSettings:
   activation: str
   norm: Callable[..., nn.Module]
   param_init: layers.Init
+  imagenet: bool
   dtype: Any
 
 
@@ -218,7 +227,7 @@ class MSDBlock(nn.Module):
     net = self.net
     if self.first:
       xs = FirstLayer(net.n_channels, net.gr_factor, net.stem, net.stem_pointwise, net.activation,
-                      net.norm, net.param_init, net.dtype, name="layer0")(xs, train=train)
+                      net.norm, net.param_init, net.imagenet, net.dtype, name="layer0")(xs, train=train)
     for plan in self.plans:
       xs = MSDLayer(plan, net.growth_rate, net.gr_factor, net.bn_factor, net.bottleneck, net.fusion,
                     net.fused_transition, net.activation, net.norm, net.param_init, net.dtype,
@@ -227,7 +236,10 @@ class MSDBlock(nn.Module):
 
 
 class MSDNet(MultiExitModule):
-  """MSDNet / MSDFuse for 32x32 inputs (CIFAR). Defaults are MSDNet-PyTorch's anytime CIFAR model.
+  """MSDNet / MSDFuse. Defaults are MSDNet-PyTorch's anytime CIFAR model (32x32 inputs).
+
+  ``imagenet=True`` is MSDNet-PyTorch's ImageNet mode (224x224 inputs): the 7x7/2 stem with bias and a
+  max-pool, and classifiers that keep their input width (``head_width`` is then unused).
 
   Attributes mirror MSDNet-PyTorch's arguments plus the MSDFuse switches (`stem`, `stem_pointwise`,
   `fusion`, `fused_transition`, `head`, `activation`), the training-parity switches `weight_init` ('pytorch':
@@ -258,6 +270,7 @@ class MSDNet(MultiExitModule):
   activation: str = "relu"
   weight_init: str = "pytorch"
   bn_unbiased_var: bool = True
+  imagenet: bool = False
   dtype: Dtype = jnp.float32
 
   @property
@@ -274,11 +287,15 @@ class MSDNet(MultiExitModule):
     base.check_choice("weight_init", self.weight_init, tuple(layers.INITS))
     base.check_positive_ints(self, ("n_blocks", "step", "base", "n_channels", "growth_rate", "head_width"))
     base.check_bools(self, ("bottleneck", "stem_pointwise", "fusion", "fused_transition",
-                            "bn_unbiased_var"))
+                            "bn_unbiased_var", "imagenet"))
     base.check_int_sequence("gr_factor", self.gr_factor)
     base.check_int_sequence("bn_factor", self.bn_factor)
     if self.stem != "efficient":
       base.check_unused(self, ("stem_pointwise",), f"stem={self.stem!r} (it applies to stem='efficient')")
+    if self.imagenet and (self.stem != "msdnet" or self.head != "msdnet"):
+      raise ValueError("imagenet=True is MSDNet's ImageNet mode: it needs stem='msdnet' and head='msdnet' "
+                       f"(got stem={self.stem!r}, head={self.head!r}); MSDFuse's ImageNet mode is not "
+                       "implemented yet")
     if len(self.gr_factor) == 1:
       base.check_unused(self, ("fusion", "fused_transition"), "a single scale (len(gr_factor) == 1)")
     if len(self.gr_factor) != len(self.bn_factor):
@@ -303,10 +320,12 @@ class MSDNet(MultiExitModule):
     init = layers.init_scheme(self.weight_init)
     settings = BlockSettings(self.n_channels, self.growth_rate, tuple(self.gr_factor),
                              tuple(self.bn_factor), self.bottleneck, self.stem, self.stem_pointwise,
-                             self.fusion, self.fused_transition, self.activation, norm, init, self.dtype)
+                             self.fusion, self.fused_transition, self.activation, norm, init,
+                             self.imagenet, self.dtype)
+    head_width = 0 if self.imagenet else self.head_width  # 0: the ImageNet classifier keeps its width
     for b, plans in enumerate(self.layer_plan()):
       setattr(self, f"block{b + 1}", MSDBlock(tuple(plans), settings, first=b == 0))
-      setattr(self, f"exit{b + 1}", head(self.num_classes, self.head_width, self.activation, norm, init,
+      setattr(self, f"exit{b + 1}", head(self.num_classes, head_width, self.activation, norm, init,
                                          self.dtype))
 
   def stage(self, state: Any, k: int, *, train: bool = False) -> tuple[list[jax.Array], jax.Array]:

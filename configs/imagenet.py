@@ -1,0 +1,100 @@
+r"""ImageNet (ILSVRC 2012, 224x224, 1,000 classes) configs for the ImageNet-mode models.
+
+  msdfuse-costs --config=configs/imagenet.py:model=msdnet_imagenet_step4
+
+The argument is a comma-separated list: ``model=<preset>`` (an ImageNet-mode preset:
+``msdnet_imagenet_step4|6|7``, ``msdnet_imagenet_tiny``), ``recipe=msdnet|l2w_den|l2w_den_300`` and the flag
+``runlocal``. Recipes:
+
+- ``msdnet`` (the default; MSDNet-PyTorch's ImageNet command): 90 epochs, batch 256, SGD 0.1, momentum 0.9,
+  weight decay 1e-4 on every parameter, LR x0.1 at epochs 30 and 60.
+- ``l2w_den`` (the L2W-DEN pretrained checkpoints): 100 epochs, batch 4096, LR 0.8 (0.1 per 512 images,
+  scaled linearly), per-step cosine; ``l2w_den_300``: 300 epochs with label smoothing 0.1.
+
+The models, their costs (`msdfuse-costs`) and the import of MSDNet-PyTorch weights work with these configs;
+the ImageNet data sources do not exist yet, so `msdfuse-train` stops at loading the data with a message
+saying so.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from msdfuse_jax import models
+
+RECIPES = ("msdnet", "l2w_den", "l2w_den_300")
+
+
+def parse_arg(arg: str | None) -> dict[str, str | bool]:
+  """Parses ``"model=msdnet_imagenet_step4,recipe=l2w_den,runlocal"`` (flags map to True)."""
+  out: dict[str, str | bool] = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    out[key.strip()] = value.strip() if sep else True
+  unknown = sorted(set(out) - {"model", "recipe", "runlocal"})
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {unknown}; valid: model=<preset>, "
+                     f"recipe={'|'.join(RECIPES)}, runlocal")
+  return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = parse_arg(arg)
+  model = str(args.get("model", "msdnet_imagenet_step4"))
+  recipe = str(args.get("recipe", "msdnet"))
+  if recipe not in RECIPES:
+    raise ValueError(f"unknown recipe {recipe!r}; valid: {RECIPES}")
+  if args.get("runlocal"):
+    model = "msdnet_imagenet_tiny"
+  if model not in models.PRESETS:
+    raise ValueError(f"unknown model {model!r}; valid choices: {models.preset_names()}")
+  hparams = models.preset_hparams(model)
+  if not hparams.get("imagenet"):
+    raise ValueError(f"model {model!r} is not an ImageNet-mode preset (imagenet=True); use one of "
+                     f"{[n for n in models.preset_names() if models.preset_hparams(n).get('imagenet')]}")
+
+  config = ml_collections.ConfigDict()
+  config.dataset = "imagenet2012"
+  config.seed = 0
+  config.model = ml_collections.ConfigDict(hparams)
+  config.model.name = model
+  config.model.dtype = "float32"
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "folder"  # folder (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) | tfds
+  config.data.path = ""
+  config.data.pipeline = "stream"
+  config.data.val_size = 50000  # held out of the training set for threshold fitting (MSDNet's protocol)
+  config.data.split_seed = 0
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.momentum = 0.9
+  config.optim.nesterov = False
+  config.optim.weight_decay = 1e-4
+  config.optim.decay_1d = True  # MSDNet-PyTorch decays every parameter
+  config.optim.warmup_epochs = 0.0
+  config.optim.decay_factor = 0.1
+  config.optim.exit_weights = ml_collections.FieldReference(None, field_type=tuple)
+  config.train = ml_collections.ConfigDict()
+  config.aug = ml_collections.ConfigDict()
+  config.aug.label_smoothing = 0.0
+  if recipe == "msdnet":
+    config.optim.learning_rate = 0.1
+    config.optim.schedule = "step"
+    config.optim.decay_epochs = (30, 60)
+    config.train.batch_size = 256
+    config.train.num_epochs = 90
+  else:
+    config.optim.learning_rate = 0.8  # batch 4096
+    config.optim.schedule = "cosine"
+    config.optim.decay_epochs = ()
+    config.train.batch_size = 4096
+    config.train.num_epochs = 300 if recipe == "l2w_den_300" else 100
+    config.aug.label_smoothing = 0.1 if recipe == "l2w_den_300" else 0.0
+  config.train.num_steps = -1
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 250
+  if args.get("runlocal"):
+    config.train.batch_size = 8
+    config.train.num_steps = 10
+  return config
