@@ -111,3 +111,23 @@ def test_converted_imagenet_model_reproduces_reference_logits():
   out = np.stack(jax.jit(model.apply)(variables, images))
   assert out.shape == data["logits"].shape == (3, 2, 1000)
   np.testing.assert_allclose(out, data["logits"], atol=1e-4, rtol=0)
+
+
+def test_training_checkpoints_are_unwrapped_and_what_is_not_weights_is_named(reference):
+  state_dict, images, logits = reference
+  # MSDNet-PyTorch's checkpoint (DataParallel names) and L2W-DEN's (meta-network entries beside the weights).
+  msdnet_pytorch = {"epoch": 90, "arch": "msdnet", "best_prec1": 75.0, "optimizer": {"state": {}},
+                    "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}
+  l2w_den = {"state_dict": dict(state_dict), "optimizer": {}, "meta_state_dict": {"w": np.zeros(3)},
+             "meta_optimizer": {}}
+  model = models.build_model("msdnet_anytime7", 10)
+  for checkpoint, extra in ((msdnet_pytorch, ["epoch", "arch", "best_prec1", "optimizer"]),
+                            (l2w_den, ["optimizer", "meta_state_dict", "meta_optimizer"])):
+    weights, ignored = torch_msdnet.unwrap_checkpoint(checkpoint)
+    assert ignored == extra
+    out = np.stack(model.apply(torch_msdnet.convert_state_dict(model, weights), jnp.asarray(images),
+                               num_exits=1))
+    np.testing.assert_allclose(out, logits[:1], atol=1e-4, rtol=0)
+  assert torch_msdnet.unwrap_checkpoint(state_dict) == (state_dict, [])
+  with pytest.raises(torch_msdnet.ConversionError, match="expected a state_dict"):
+    torch_msdnet.unwrap_checkpoint([1, 2])

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
 from msdfuse_jax import checkpoints, models, rundir
@@ -159,9 +160,11 @@ def convert_state_dict(model: MSDNet, state_dict: Mapping[str, Any]) -> dict[str
 
 
 def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
-  """Reads a state_dict from ``.npz`` (names -> arrays) or, when torch is installed, ``.pth``/``.pt``.
+  """Reads a state_dict from ``.npz`` (names -> arrays) or, when torch is installed, a PyTorch file
+  (``.pth``, ``.pt``, ``.pth.tar``).
 
-  A training checkpoint (a dict holding ``state_dict``) is unwrapped.
+  A training checkpoint (a dict holding ``state_dict``) is unwrapped (`unwrap_checkpoint`); what is not model
+  weights is ignored, with one warning line naming it.
   """
   if path.endswith(".npz"):
     with np.load(path) as data:
@@ -172,9 +175,29 @@ def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
     raise ConversionError(f"{path} is a PyTorch file, which needs torch: `pip install torch`, or save "
                           "the state_dict as .npz ({name: tensor.numpy()}) and pass that") from None
   obj = torch.load(path, map_location="cpu", weights_only=False)
-  if isinstance(obj, dict) and "state_dict" in obj:
+  weights, ignored = unwrap_checkpoint(obj)
+  if ignored:
+    logging.warning("%s: ignored what is not model weights: %s", path, ", ".join(ignored))
+  return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+          for k, v in weights.items()}
+
+
+def unwrap_checkpoint(obj: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+  """The weights of a loaded PyTorch file, and the names of the entries that are not weights.
+
+  A training checkpoint holds its weights under ``state_dict`` (MSDNet-PyTorch: beside ``epoch``, ``arch``,
+  ``best_prec1``, ``optimizer``; L2W-DEN: beside ``optimizer``, ``meta_state_dict``, ``meta_optimizer``);
+  a bare state_dict is the weights itself. Entries that are not arrays (tensors) are ignored too.
+  """
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f"expected a state_dict or a checkpoint dict, got a {type(obj).__name__}")
+  ignored: list[str] = []
+  if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+    ignored = [k for k in obj if k != "state_dict"]
     obj = obj["state_dict"]
-  return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+  weights = {k: v for k, v in obj.items() if hasattr(v, "shape")}
+  ignored += [k for k in obj if k not in weights]
+  return weights, ignored
 
 
 # Entries of the reference .npz files that are data, not weights.
