@@ -22,19 +22,13 @@ import ml_collections
 
 from msdfuse_jax import models
 from msdfuse_jax.data import augment
+from msdfuse_jax.tools import flags_util
 
 
 def parse_arg(arg: str | None) -> dict[str, str | bool]:
   """Parses ``"dataset=cifar100,model=msdfuse,runlocal"`` into a dict (flags map to True)."""
-  out: dict[str, str | bool] = {}
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    out[key.strip()] = value.strip() if sep else True
-  unknown = sorted(set(out) - {"dataset", "model", "runlocal"})
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {unknown}; valid: dataset=cifar10|cifar100, "
-                     "model=<preset>, runlocal")
-  return out
+  return flags_util.parse_config_arg(arg, {"dataset": "dataset=cifar10|cifar100", "model": "model=<preset>",
+                                           "runlocal": "runlocal"})
 
 
 def tiny_preset(model: str) -> str:

@@ -21,21 +21,15 @@ from __future__ import annotations
 import ml_collections
 
 from msdfuse_jax import models
+from msdfuse_jax.tools import flags_util
 
 RECIPES = ("msdnet", "l2w_den", "l2w_den_300")
 
 
 def parse_arg(arg: str | None) -> dict[str, str | bool]:
   """Parses ``"model=msdnet_imagenet_step4,recipe=l2w_den,runlocal"`` (flags map to True)."""
-  out: dict[str, str | bool] = {}
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    out[key.strip()] = value.strip() if sep else True
-  unknown = sorted(set(out) - {"model", "recipe", "runlocal"})
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {unknown}; valid: model=<preset>, "
-                     f"recipe={'|'.join(RECIPES)}, runlocal")
-  return out
+  return flags_util.parse_config_arg(arg, {"model": "model=<preset>", "recipe": f"recipe={'|'.join(RECIPES)}",
+                                           "runlocal": "runlocal"})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

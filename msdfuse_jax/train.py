@@ -188,6 +188,13 @@ def evaluate_all(p_eval_step, state: ts.TrainState, eval_sets: dict[str, tuple[n
 PIPELINES = ("device", "stream")
 
 
+def check_pipeline(pipeline: str) -> str:
+  """`pipeline` if it names an input pipeline; ConfigError otherwise."""
+  if pipeline not in PIPELINES:
+    raise ConfigError(f"config.data.pipeline={pipeline!r} is not one of {PIPELINES}")
+  return pipeline
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """How the global batch is laid out and how long the run is."""
@@ -231,8 +238,7 @@ def make_steps(model, tx, aug: ml_collections.ConfigDict, plan: Plan, weights: n
   the eval step is ``(variables, batch) -> metric sums``. This is the one place the steps are bound
   (training, `msdfuse-bench` and the parity tests all use it).
   """
-  if pipeline not in PIPELINES:
-    raise ConfigError(f"config.data.pipeline={pipeline!r} is not one of {PIPELINES}")
+  check_pipeline(pipeline)
   common = dict(model=model, mean=mean, std=std, num_classes=num_classes)
   step_fn = functools.partial(train_step, tx=tx, aug=aug, weights=weights, **common)
   rep, split = P(), P(parallel.AXIS)
@@ -342,9 +348,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  pipeline = config.data.get("pipeline", "device")
-  if pipeline not in PIPELINES:
-    raise ConfigError(f"config.data.pipeline={pipeline!r} is not one of {PIPELINES}")
+  pipeline = check_pipeline(config.data.get("pipeline", "device"))  # before the (slow) data loading
   # Process 0 writes the run's files (every process computes the same validation split).
   data = cifar.load_cifar(config.dataset, config.data, workdir, save_split=jax.process_index() == 0)
   if jax.process_index() == 0:
@@ -389,12 +393,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       logging.info("nothing to do: the run already finished (step %d)", start)
     _stop_before(stop, start, plan.total_steps, workdir)
     single = jax.process_count() == 1
+    vote_arrays = {asked: parallel.stop_votes(asked) for asked in (False, True)}  # made once, not per step
     previous_votes = None
     for step in range(start, plan.total_steps):
       done = step + 1
       # Every process votes with each step it dispatches; the step sums the votes over all devices, so
       # every process learns the same total and stops after the same step.
-      votes = parallel.stop_votes(stop.reached(step))
+      votes = vote_arrays[bool(stop.reached(step))]
       state, metrics, step_votes = p_train_step(state, *feed(step), votes, aug_rng)
       # Reading the previous step's vote total waits for that step: the host runs at most one step ahead
       # of the devices, so the queue stays full and SIGTERM (whose handler runs only between Python

@@ -14,6 +14,22 @@ from absl import app, flags
 from ml_collections import config_flags
 
 
+def parse_config_arg(arg: str | None, valid: dict[str, str]) -> dict[str, str | bool]:
+  """Parses a config file's argument, ``"key=value,key2=value2,flag"`` (flags map to True).
+
+  `valid` maps each accepted key to how it is written in the error message (``{"model": "model=<preset>",
+  "runlocal": "runlocal"}``); any other key is a ValueError listing them.
+  """
+  out: dict[str, str | bool] = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    out[key.strip()] = value.strip() if sep else True
+  unknown = sorted(set(out) - set(valid))
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {unknown}; valid: {', '.join(valid.values())}")
+  return out
+
+
 def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
                        sys_argv: Sequence[str] | None = None) -> None:
   """``--config=configs/cifar.py:dataset=cifar10,model=...`` plus ``--config.field=value`` overrides.
