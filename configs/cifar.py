@@ -95,17 +95,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.batch_size = 512  # global batch, split over all devices and hosts
   config.train.num_epochs = 300
   config.train.num_steps = -1  # > 0 overrides num_epochs
-  config.train.log_every_steps = 50
-  config.train.eval_every_steps = -1  # <= 0: once per epoch and at the end
-  config.train.checkpoint_every_steps = 1000
-  config.train.keep_checkpoints = 3
-  config.train.distributed = False  # join a multi-process run (jax.distributed.initialize) before training
-  # Override JAX's cluster detection (TPU VM, SLURM, Open MPI, ...) when set; needed elsewhere, e.g. two
-  # GPU machines or several processes on one: process 0's host:port, the process count, this process's id.
-  config.train.coordinator_address = ""
-  config.train.num_processes = 0  # 0: detected
-  config.train.process_id = -1  # -1: detected
-  config.train.num_shards = 0  # batch shards (BatchNorm, Mixup units); 0: 1 per device; set: any device count
+  # log_every_steps, eval_every_steps (<= 0: once per epoch and at the end), checkpoint_every_steps,
+  # keep_checkpoints, distributed / coordinator_address / num_processes / process_id (multi-process
+  # start-up: see the README), num_shards (batch shards; 0: one per device):
+  flags_util.run_loop_fields(config.train)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500

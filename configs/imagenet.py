@@ -1,19 +1,27 @@
 r"""ImageNet (ILSVRC 2012, 224x224, 1,000 classes) configs for the ImageNet-mode models.
 
-  msdfuse-costs --config=configs/imagenet.py:model=msdnet_imagenet_step4
+Train MSDNet with MSDNet-PyTorch's recipe on an image folder (DIR/train/<wnid>/*.JPEG, DIR/val/<wnid>/*.JPEG):
+
+  msdfuse-train --config=configs/imagenet.py:model=msdnet_imagenet_step4 --config.data.path=DIR \
+    --workdir=/tmp/msdnet_in
+
+or from TFDS, prepared once (never downloaded) from the official tars in a manual dir:
+
+  msdfuse-train --config=configs/imagenet.py:model=msdfuse_imagenet,recipe=l2w_den \
+    --config.data.source=tfds --config.data.manual_dir=DIR --workdir=/tmp/msdfuse_in
 
 The argument is a comma-separated list: ``model=<preset>`` (an ImageNet-mode preset:
-``msdnet_imagenet_step4|6|7``, ``msdnet_imagenet_tiny``), ``recipe=msdnet|l2w_den|l2w_den_300`` and the flag
-``runlocal``. Recipes:
+``msdnet_imagenet_step4|6|7``, ``msdfuse_imagenet``, their ``_tiny`` variants), ``recipe=msdnet|l2w_den|
+l2w_den_300`` and the flag ``runlocal`` (the tiny variant, batch 8, a few steps). Recipes:
 
 - ``msdnet`` (the default; MSDNet-PyTorch's ImageNet command): 90 epochs, batch 256, SGD 0.1, momentum 0.9,
   weight decay 1e-4 on every parameter, LR x0.1 at epochs 30 and 60.
 - ``l2w_den`` (the L2W-DEN pretrained checkpoints): 100 epochs, batch 4096, LR 0.8 (0.1 per 512 images,
   scaled linearly), per-step cosine; ``l2w_den_300``: 300 epochs with label smoothing 0.1.
 
-The models, their costs (`msdfuse-costs`) and the import of MSDNet-PyTorch weights work with these configs;
-the ImageNet data sources do not exist yet, so `msdfuse-train` stops at loading the data with a message
-saying so.
+Augmentation is on the host (the ``stream`` pipeline): random-resized crop to 224 and a horizontal flip;
+evaluation resizes the shorter side to 256 and takes the centre crop. The step only normalises (ImageNet
+mean and std), so the CIFAR crop, flip and Mixup/CutMix fields of ``config.aug`` are off.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import ml_collections
 
 from msdfuse_jax import models
+from msdfuse_jax.data import augment
 from msdfuse_jax.tools import flags_util
 
 RECIPES = ("msdnet", "l2w_den", "l2w_den_300")
@@ -39,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if recipe not in RECIPES:
     raise ValueError(f"unknown recipe {recipe!r}; valid: {RECIPES}")
   if args.get("runlocal"):
-    model = "msdnet_imagenet_tiny"
+    model = "msdfuse_imagenet_tiny" if model.startswith("msdfuse") else "msdnet_imagenet_tiny"
   if model not in models.PRESETS:
     raise ValueError(f"unknown model {model!r}; valid choices: {models.preset_names()}")
   hparams = models.preset_hparams(model)
@@ -55,11 +64,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = "float32"
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "folder"  # folder (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) | tfds
-  config.data.path = ""
-  config.data.pipeline = "stream"
+  config.data.source = "folder"  # folder (DIR/train/<wnid>/*.JPEG, DIR/val/<wnid>/*.JPEG) | tfds
+  config.data.path = ""  # folder source: DIR
+  config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir
+  config.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # the official tars (tfds)
+  config.data.pipeline = "stream"  # the only one: the training set is read and augmented on the host
   config.data.val_size = 50000  # held out of the training set for threshold fitting (MSDNet's protocol)
   config.data.split_seed = 0
+  config.data.train_includes_val = False  # True: train on all 1,281,167 (anytime protocol)
+  config.data.normalization = "published"  # the ImageNet mean and std
 
   config.optim = ml_collections.ConfigDict()
   config.optim.momentum = 0.9
@@ -70,8 +83,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.decay_factor = 0.1
   config.optim.exit_weights = ml_collections.FieldReference(None, field_type=tuple)
   config.train = ml_collections.ConfigDict()
-  config.aug = ml_collections.ConfigDict()
-  config.aug.label_smoothing = 0.0
+  flags_util.run_loop_fields(config.train)
+  config.train.checkpoint_every_steps = 2000
+  # Crop and flip run on the host (data.imagenet); the step's CIFAR crop/flip and Mixup/CutMix are off.
+  config.aug = ml_collections.ConfigDict(dict(augment.DEFAULTS))
+  config.aug.update(crop_padding=0, flip=False, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
   if recipe == "msdnet":
     config.optim.learning_rate = 0.1
     config.optim.schedule = "step"
@@ -88,7 +104,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.num_steps = -1
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 250
+  config.eval.augment_val = False
   if args.get("runlocal"):
     config.train.batch_size = 8
     config.train.num_steps = 10
+    config.train.log_every_steps = 5
+    config.train.eval_every_steps = 10
+    config.train.checkpoint_every_steps = 5
+    config.eval.batch_size = 16
   return config

@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from msdfuse_jax import costs, models
+from msdfuse_jax.data import sources
 
 OUT = Path(models.__file__).resolve().parent / "cost_tables.json"
-DATASETS = {"cifar10": 10, "cifar100": 100}
-ENTRIES = ("msdfuse", "msdnet_anytime7", "msdnet_budget5", "ranet_cifar", "ranet_readme", "resnet_mc",
-           "resnet_mc,head=pool", "densenet_mc", "densenet_mc,head=pool")
+CIFAR = ("cifar10", "cifar100")
+# entry -> the datasets of its tables (class count and image size follow from the dataset).
+ENTRIES = {**{e: CIFAR for e in ("msdfuse", "msdnet_anytime7", "msdnet_budget5", "ranet_cifar", "ranet_readme",
+                                 "resnet_mc", "resnet_mc,head=pool", "densenet_mc", "densenet_mc,head=pool")},
+           "msdfuse_imagenet": ("imagenet2012",)}
 FIELDS = ("op_counter", "macs", "params")
 
 
@@ -33,10 +36,11 @@ def parse_entry(entry: str) -> tuple[str, dict[str, str]]:
   return name, dict(o.split("=", 1) for o in overrides)
 
 
-def entry_costs(entry: str, num_classes: int) -> list[dict[str, Any]]:
-  """The table rows of one entry: exit, op_counter, macs and params of every exit."""
+def entry_costs(entry: str, dataset: str) -> list[dict[str, Any]]:
+  """The table rows of one entry on `dataset`: exit, op_counter, macs and params of every exit."""
   name, overrides = parse_entry(entry)
-  got = costs.exit_costs(models.build_model(name, num_classes, **overrides), with_xla=False)
+  got = costs.exit_costs(models.build_model(name, sources.num_classes(dataset), **overrides),
+                         image_size=sources.image_size(dataset), with_xla=False)
   return [{"exit": c.exit, **{f: getattr(c, f) for f in FIELDS}} for c in got]
 
 
@@ -54,11 +58,11 @@ def dumps(tables: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
 
 def main() -> int:
   tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
-  for entry in ENTRIES:
+  for entry, datasets in ENTRIES.items():
     tables[entry] = {}
-    for dataset, num_classes in DATASETS.items():
+    for dataset in datasets:
       start = time.perf_counter()
-      rows = tables[entry][dataset] = entry_costs(entry, num_classes)
+      rows = tables[entry][dataset] = entry_costs(entry, dataset)
       print(f"{entry} on {dataset} ({time.perf_counter() - start:.1f} s)")
       print(f"{'exit':>4} {'op_counter':>14} {'MACs':>14} {'params':>11}")
       for r in rows:

@@ -191,7 +191,8 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, total:
   ``b = ceil(batch_size / device_count)``.
 
   Args:
-    images: this process's images (see `cifar.host_shard(..., drop_remainder=False)`).
+    images: this process's images (see `cifar.host_shard(..., drop_remainder=False)`); an array-like that
+      slices like numpy (ImageNet's lazy `imagenet.EvalImages`) is decoded a batch at a time.
     labels: their labels.
     batch_size: the global eval batch size.
     total: the size of the whole eval set (over all processes).
@@ -200,7 +201,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, total:
   per_process = per_device * jax.local_device_count()
   largest_share = math.ceil(total / jax.process_count())
   for start in range(0, max(largest_share, 1), per_process):
-    x, y = images[start:start + per_process], labels[start:start + per_process]
+    x, y = np.asarray(images[start:start + per_process]), labels[start:start + per_process]
     pad = per_process - len(x)
     mask = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
     x = np.concatenate([x, np.zeros((pad, *images.shape[1:]), images.dtype)])

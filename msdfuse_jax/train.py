@@ -1,11 +1,11 @@
-"""Training a multi-exit classifier on CIFAR: `train_and_evaluate(config, workdir)`.
+"""Training a multi-exit classifier (CIFAR, ImageNet): `train_and_evaluate(config, workdir)`.
 
 Data flow: every step trains on the global batch that `data.order` assigns to (seed, step), cut into
 ``num_shards`` shards; device d of the global mesh (`parallel`) runs its block of shards, and process p
 supplies the shards of its devices. Two input pipelines (``config.data.pipeline``) deliver them:
 ``device`` puts the training set on every device once, as uint8 (CIFAR is 150 MB), and the compiled step
-gathers its own shards; ``stream`` (`data.stream`) reads each process's shards on the host with grain and
-prefetches them to its devices. Either way the step augments with a key derived from (seed, step, shard)
+gathers its own shards; ``stream`` (`data.stream`) reads each process's shards on the host with grain
+(decoding and cropping ImageNet's images there) and prefetches them to its devices. Either way the step augments with a key derived from (seed, step, shard)
 and takes one SGD step, so a run computes the same thing on any number of devices and processes, and a
 resumed run sees exactly the batches, augmentations and updates of an uninterrupted one.
 
@@ -34,7 +34,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from msdfuse_jax import checkpoints, models, parallel, preemption as preemption_lib, rundir, summaries
-from msdfuse_jax.data import augment, cifar, order
+from msdfuse_jax import data as data_lib
+from msdfuse_jax.data import augment, cifar, order, sources
 from msdfuse_jax import metrics as metrics_lib
 from msdfuse_jax import optim
 from msdfuse_jax import train_state as ts
@@ -278,14 +279,16 @@ class DeviceFeed:
     pass
 
 
-def make_feed(pipeline: str, images: np.ndarray, labels: np.ndarray, seed: int, plan: Plan,
-              start: int):
-  """The feed of `pipeline` for a run that continues after step `start`."""
+def make_feed(pipeline: str, data: Any, seed: int, plan: Plan, start: int):
+  """The feed of `pipeline` over `data`'s training set for a run that continues after step `start`."""
   if pipeline == "device":
-    return DeviceFeed(images, labels, seed, plan)
+    if not isinstance(data.train_images, np.ndarray):
+      raise ConfigError(f"config.data.pipeline='device' holds the training set on every device, which "
+                        f"{data.dataset} does not fit: use config.data.pipeline=stream")
+    return DeviceFeed(data.train_images, data.train_labels, seed, plan)
   from msdfuse_jax.data import stream  # pylint: disable=import-outside-toplevel  (needs grain)
   try:
-    return stream.StreamFeed(stream.ArraySource(images, labels), seed, plan, start)
+    return stream.StreamFeed(data.train_source(seed), seed, plan, start)
   except ImportError as e:
     raise ConfigError(str(e)) from None
 
@@ -350,7 +353,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError(str(e)) from None
   pipeline = check_pipeline(config.data.get("pipeline", "device"))  # before the (slow) data loading
   # Process 0 writes the run's files (every process computes the same validation split).
-  data = cifar.load_cifar(config.dataset, config.data, workdir, save_split=jax.process_index() == 0)
+  data = data_lib.load(config.dataset, config.data, workdir, save_split=jax.process_index() == 0)
   if jax.process_index() == 0:
     rundir.save_config(workdir, config)
   plan = make_plan(config.train, len(data.train_images))
@@ -363,7 +366,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     # them see the same checkpoints and make the same orbax calls.
     mngr = checkpoints.manager(workdir, max_to_keep=config.train.keep_checkpoints)
     cleanup.callback(mngr.close)
-    state, how = ts.restore_or_init(workdir, ts.init_train_state(model, tx, jax.random.fold_in(root, 0)),
+    state, how = ts.restore_or_init(workdir, ts.init_train_state(model, tx, jax.random.fold_in(root, 0),
+                                                          sources.image_size(config.dataset)),
                                     mngr)
     start = int(state.step)
     logging.info("%s run in %s at step %d of %d (%d steps/epoch, %d shards of %d on %d devices, %d "
@@ -373,7 +377,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
     p_train_step, p_eval_step = make_steps(model, tx, config.aug, plan, weights, data.mean, data.std,
                                            data.num_classes, pipeline)
-    feed = make_feed(pipeline, data.train_images, data.train_labels, config.seed, plan, start)
+    feed = make_feed(pipeline, data, config.seed, plan, start)
     cleanup.callback(feed.close)
     aug_rng = parallel.replicate(jax.random.fold_in(root, 1))
     eval_sets = {}

@@ -19,7 +19,6 @@ import optax
 
 from msdfuse_jax import checkpoints
 
-IMAGE_SHAPE = (32, 32, 3)  # CIFAR, NHWC without the batch dimension
 
 
 @flax.struct.dataclass
@@ -41,10 +40,13 @@ class TrainState:
             "opt_state": self.opt_state}
 
 
-def init_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-  """Fresh parameters (initialised from `rng`), BatchNorm statistics and optimiser state."""
+def init_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                     image_size: int = 32) -> TrainState:
+  """Fresh parameters (initialised from `rng`), BatchNorm statistics and optimiser state, for RGB inputs
+  of ``image_size`` (`msdfuse_jax.data.sources.image_size`: 32 for CIFAR, 224 for ImageNet)."""
+  image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   # Jitted so that initialisation is one compiled program (cached) rather than hundreds of eager ops.
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, *IMAGE_SHAPE), jnp.float32), train=False))(rng)
+  variables = jax.jit(lambda r: model.init(r, image, train=False))(rng)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from msdfuse_jax import costs, models
+from msdfuse_jax.data import sources
 from msdfuse_jax.models.base import MultiExitModule
 from tests.conftest import REPO, shared_file
 
@@ -109,6 +110,18 @@ def test_msdfuse_sits_on_the_papers_envelope(num_classes):
   assert all(a.op_counter < b.op_counter for a, b in zip(got, got[1:]))
 
 
+def test_msdfuse_imagenet_sits_inside_the_bounds_set_by_msdnet_imagenet():
+  # Its last exit at most 0.85x msdnet_imagenet_step4's last, its first no more than MSDNet's first
+  # (the reference integers), increasing in between. The table test below pins the exact integers.
+  ref = json.loads(shared_file("reference", "model_counts_imagenet.json").read_text())["msdnet_imagenet_step4"]
+  msdnet = [int(v) for v in ref["op_counter_flops"]]
+  got = [r["op_counter"] for r in _cost_tables()["msdfuse_imagenet"]["imagenet2012"]]
+  assert got[0] <= msdnet[0] and got[-1] <= 0.85 * msdnet[-1]
+  assert all(a < b for a, b in zip(got, got[1:]))
+  model = models.build_model("msdfuse_imagenet", 1000)
+  assert model.imagenet and model.stem == "efficient" and model.head == "msdfuse" and model.activation == "gelu"
+
+
 def test_xla_flops_cover_every_head_up_to_the_exit():
   got = costs.exit_costs(models.build_model("msdnet_tiny", 10))
   flops = [c.xla_flops for c in got]
@@ -149,32 +162,35 @@ def _cost_tables() -> dict:
 # The tables quoted by the model docstrings; a "preset,field=value" entry overrides a string field.
 # Written by experiments/make_cost_tables.py. A jaxpr walk takes 4-30 s on a busy 2-core CPU, so only
 # a few entries run by default (the MSDNet presets are also pinned by the reference test above).
-_COST_TABLES = ("msdfuse", "msdnet_anytime7", "msdnet_budget5", "ranet_cifar", "ranet_readme", "resnet_mc",
-                "resnet_mc,head=pool", "densenet_mc", "densenet_mc,head=pool")
+_CIFAR = ("cifar10", "cifar100")
+_COST_TABLES = {**{e: _CIFAR for e in ("msdfuse", "msdnet_anytime7", "msdnet_budget5", "ranet_cifar",
+                                       "ranet_readme", "resnet_mc", "resnet_mc,head=pool", "densenet_mc",
+                                       "densenet_mc,head=pool")},
+                "msdfuse_imagenet": ("imagenet2012",)}
 _FAST_TABLES = (("msdfuse", "cifar100"), ("resnet_mc", "cifar10"), ("resnet_mc,head=pool", "cifar100"))
 
 
-def _table_model(entry: str, num_classes: int):
+def _table_model(entry: str, dataset: str):
   name, *overrides = entry.split(",")
-  return models.build_model(name, num_classes, **dict(o.split("=", 1) for o in overrides))
+  return models.build_model(name, sources.num_classes(dataset), **dict(o.split("=", 1) for o in overrides))
 
 
 def test_cost_tables_cover_every_documented_model():
   tables = _cost_tables()
   assert sorted(tables) == sorted(_COST_TABLES)
   for entry, per_dataset in tables.items():
-    assert sorted(per_dataset) == ["cifar10", "cifar100"], entry
+    assert sorted(per_dataset) == sorted(_COST_TABLES[entry]), entry
     for dataset, rows in per_dataset.items():
-      model = _table_model(entry, 10 if dataset == "cifar10" else 100)
+      model = _table_model(entry, dataset)
       assert [r["exit"] for r in rows] == list(range(1, model.num_exits + 1)), (entry, dataset)
       assert all(set(r) == {"exit", "op_counter", "macs", "params"} for r in rows), (entry, dataset)
 
 
 @pytest.mark.parametrize("entry,dataset", [
     pytest.param(e, d, marks=() if (e, d) in _FAST_TABLES else pytest.mark.slow)
-    for e in _COST_TABLES for d in ("cifar10", "cifar100")])
+    for e, datasets in _COST_TABLES.items() for d in datasets])
 def test_cost_tables_match_the_code(entry, dataset):
-  got = costs.exit_costs(_table_model(entry, 10 if dataset == "cifar10" else 100), with_xla=False)
+  got = costs.exit_costs(_table_model(entry, dataset), image_size=sources.image_size(dataset), with_xla=False)
   want = _cost_tables()[entry][dataset]
   assert [{"exit": c.exit, "op_counter": c.op_counter, "macs": c.macs, "params": c.params}
           for c in got] == want

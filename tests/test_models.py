@@ -287,5 +287,22 @@ def test_imagenet_mode_is_msdnets_and_names_what_it_needs():
   head = variables["params"]["exit1"]
   assert head["conv1"]["conv"]["kernel"].shape[-1] == head["conv1"]["conv"]["kernel"].shape[-2]
   assert head["linear"]["kernel"].shape[-1] == 1000
-  with pytest.raises(ValueError, match="imagenet=True is MSDNet's ImageNet mode.*stem='msdnet'"):
-    models.build_model("msdnet_imagenet_tiny", 1000, stem="efficient").validate()
+  with pytest.raises(ValueError, match="head_width=64 has no effect with imagenet=True"):
+    models.build_model("msdnet_imagenet_tiny", 1000, head_width=64)
+
+
+def test_msdfuse_imagenet_mode_strides_the_stem_and_uses_the_authors_head():
+  model = models.build_model("msdfuse_imagenet_tiny", 1000)
+  image = jnp.zeros((2, 224, 224, 3))
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
+  stem = variables["params"]["block1"]["layer0"]["stem"]
+  assert stem["conv1"]["conv"]["kernel"].shape == (3, 3, 3, 8)
+  # Stride 2 in conv1 and in the depthwise conv4: scale 1 at 56x56, the coarsest of 4 scales at 7x7.
+  xs, _ = jax.eval_shape(lambda v, x: model.apply(v, x, method=lambda m, x: m.stage(x, 1)), variables, image)
+  assert [x.shape[1] for x in xs] == [56, 28, 14, 7]
+  head = variables["params"]["exit1"]
+  width = xs[-1].shape[-1]
+  assert head["conv1"]["conv"]["kernel"].shape == (1, 1, width, width)  # 1x1 convs keeping the width
+  assert head["conv2"]["conv"]["kernel"].shape == (1, 1, width, width)
+  logits = jax.eval_shape(lambda v, x: model.apply(v, x), variables, image)
+  assert [l.shape for l in logits] == [(2, 1000)] * 3

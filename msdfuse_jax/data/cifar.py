@@ -74,8 +74,14 @@ class CifarData:
   val_indices: np.ndarray
   dataset: str = ""
 
+  def train_source(self, seed: int):
+    """The training set as the ``stream`` pipeline reads it (augmented in the step, so `seed` is unused)."""
+    del seed
+    from msdfuse_jax.data import stream  # pylint: disable=import-outside-toplevel  (needs grain)
+    return stream.ArraySource(self.train_images, self.train_labels)
 
-def _field(cfg: Any, name: str, default: Any) -> Any:
+
+def field(cfg: Any, name: str, default: Any) -> Any:
   """Reads an optional config field; '' counts as unset (for path flags)."""
   value = cfg.get(name, default) if cfg is not None else default
   return default if value == "" else value
@@ -243,25 +249,25 @@ def load_cifar(dataset: str, data_cfg: Any,
     DataError: missing or malformed data, or a saved split that disagrees.
   """
   spec = sources.dataset_spec(dataset)
-  source = _field(data_cfg, "source", "tfds")
+  source = field(data_cfg, "source", "tfds")
   if source == "archive":
-    raw = sources.read_python_archive(dataset, _field(data_cfg, "path", None))
+    raw = sources.read_python_archive(dataset, field(data_cfg, "path", None))
   elif source == "tfds":
     raw = sources.read_tfds(
         dataset,
-        data_dir=_field(data_cfg, "data_dir", None),
-        manual_dir=_field(data_cfg, "manual_dir", None),
-        register_checksums=bool(_field(data_cfg, "register_checksums", False)),
-        allow_download=bool(_field(data_cfg, "allow_download", False)))
+        data_dir=field(data_cfg, "data_dir", None),
+        manual_dir=field(data_cfg, "manual_dir", None),
+        register_checksums=bool(field(data_cfg, "register_checksums", False)),
+        allow_download=bool(field(data_cfg, "allow_download", False)))
   else:
     raise DataError(
         f"data.source must be 'tfds' or 'archive', got {source!r}.")
 
   num_train = len(raw.train_images)
   val_indices = resolve_val_split(
-      dataset, num_train, int(_field(data_cfg, "val_size", 5000)),
-      int(_field(data_cfg, "split_seed", 0)), workdir, save=save_split)
-  if _field(data_cfg, "train_includes_val", False):
+      dataset, num_train, int(field(data_cfg, "val_size", 5000)),
+      int(field(data_cfg, "split_seed", 0)), workdir, save=save_split)
+  if field(data_cfg, "train_includes_val", False):
     train_images, train_labels = raw.train_images, raw.train_labels
   else:
     keep = np.ones(num_train, dtype=bool)
@@ -270,7 +276,7 @@ def load_cifar(dataset: str, data_cfg: Any,
   if not len(train_images):
     raise DataError(f"No training images left after holding out "
                     f"{len(val_indices)} for validation.")
-  normalization = _field(data_cfg, "normalization", "train")
+  normalization = field(data_cfg, "normalization", "train")
   if normalization == "train":
     mean, std = channel_stats(train_images)
   elif normalization == "published":  # MSDNet-PyTorch's constants, for imported models

@@ -52,7 +52,7 @@ DATASETS: dict[str, dict[str, Any]] = {
         binary_archive="cifar-100-binary.tar.gz",
         image_size=32,
     ),
-    # Known to the models, costs and weight import; it cannot be read yet (no readers below).
+    # Read by `msdfuse_jax.data.imagenet` (image folders, TFDS array_record), not by the readers below.
     "imagenet2012": dict(
         title="ImageNet (ILSVRC 2012)",
         num_classes=1000,
@@ -101,9 +101,8 @@ def dataset_spec(dataset: str) -> dict[str, Any]:
         f"Unknown dataset {dataset!r}: expected one of {sorted(DATASETS)}.")
   spec = DATASETS[dataset]
   if "python_archive" not in spec:
-    raise DataError(
-        f"{spec['title']} cannot be read yet: only CIFAR-10/100 have data sources. Its models, costs "
-        "(msdfuse-costs) and the import of MSDNet-PyTorch weights work.")
+    raise DataError(f"{spec['title']} has no python archive or CIFAR TFDS reader: read it with "
+                    "msdfuse_jax.data.load (msdfuse_jax.data.imagenet)")
   return spec
 
 

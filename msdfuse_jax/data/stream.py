@@ -3,9 +3,9 @@
 Nothing of the dataset is held on a device: for step s, process p reads the examples of its shards of the
 global batch (`order.batch_rows`: a function of (seed, s) and the layout, so a resumed run, with any
 process count, sees exactly the batches of an uninterrupted one), applies the source's host transform
-(decoding and per-example host augmentation where a source has them; CIFAR's records are already uint8
-arrays and its augmentation runs in the step, keyed like the ``device`` pipeline's, so the two pipelines
-train the same run), and the batch is prefetched onto the process's devices as part of a global array.
+(`Source.read`: ImageNet's decodes, crops and flips each example, keyed by (seed, step, position in the
+global batch); CIFAR's records are already uint8 arrays and its augmentation runs in the step, keyed like
+the ``device`` pipeline's, so the two pipelines train the same run), and the batch is prefetched onto the process's devices as part of a global array.
 
 The host side is a `grain` dataset: a random-access sequence of steps, read by grain's thread pool ahead
 of the training loop. Its position is the step itself, so the checkpointed train state is the whole
@@ -30,15 +30,18 @@ except ImportError:  # pragma: no cover - exercised where grain is absent
 
 
 class Source(Protocol):
-  """Random access to decoded training examples: ``source[rows]`` for an int array of rows."""
+  """The training examples: ``source.read(rows, step, positions)`` is examples `rows` (int array) of step
+  `step` at `positions` in its global batch (what a source's host augmentation is keyed by), as ``image``
+  uint8 (n, H, W, C) and ``label`` (n,)."""
 
   def __len__(self) -> int: ...
 
-  def __getitem__(self, rows: np.ndarray) -> dict[str, np.ndarray]: ...
+  def read(self, rows: np.ndarray, step: int, positions: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 class ArraySource:
-  """Examples held in host memory as arrays (CIFAR): ``image`` uint8 (N, H, W, C), ``label`` (N,)."""
+  """Examples held in host memory as arrays (CIFAR, augmented in the step): ``image`` uint8 (N, H, W, C),
+  ``label`` (N,)."""
 
   def __init__(self, images: np.ndarray, labels: np.ndarray):
     if len(images) != len(labels):
@@ -48,7 +51,8 @@ class ArraySource:
   def __len__(self) -> int:
     return len(self.images)
 
-  def __getitem__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+  def read(self, rows: np.ndarray, step: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+    del step, positions  # no host augmentation
     return {"image": self.images[rows], "label": self.labels[rows]}
 
 
@@ -72,7 +76,9 @@ class _StepReader:
     step = int(step)
     rows = order.batch_rows(self._perm(step // self.plan.steps_per_epoch), step, self.plan.steps_per_epoch,
                             self.plan.batch_size, self.shards, self.plan.shard_batch)
-    batch = self.source[rows.reshape(-1)]
+    shards = np.asarray(self.shards)[:, None]
+    positions = shards * self.plan.shard_batch + np.arange(self.plan.shard_batch)[None, :]
+    batch = self.source.read(rows.reshape(-1), step, positions.reshape(-1))
     return {k: v.reshape(*rows.shape, *v.shape[1:]) for k, v in batch.items()}
 
 

@@ -21,7 +21,8 @@ import numpy as np
 from absl import logging
 
 from msdfuse_jax import checkpoints, costs, models, rundir
-from msdfuse_jax.data import augment, cifar
+from msdfuse_jax import data as data_lib
+from msdfuse_jax.data import augment
 from msdfuse_jax.evaluation import anytime, budget, predict, report
 
 def load_run(workdir: str, dtype: str | None = None):
@@ -29,13 +30,13 @@ def load_run(workdir: str, dtype: str | None = None):
   config = rundir.load_config(workdir)
   model = models.from_config(config, dtype=dtype)
   variables, step = checkpoints.load_variables(workdir)
-  data = cifar.load_cifar(config.dataset, config.data, workdir)
+  data = data_lib.load(config.dataset, config.data, workdir)
   return config, model, variables, step, data
 
 
 def _augmented(images: np.ndarray, padding: int, seed: int) -> np.ndarray:
   """The training crop and flip applied once to `images` (the reference's validation-set bug)."""
-  out = augment.random_crop_flip(jax.random.PRNGKey(seed), images, padding=padding)
+  out = augment.random_crop_flip(jax.random.PRNGKey(seed), np.asarray(images), padding=padding)
   return np.asarray(out).astype(np.uint8)
 
 

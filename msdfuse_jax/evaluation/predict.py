@@ -28,7 +28,9 @@ def predict_probs(model: Any, variables: Any, images: np.ndarray, mean: Any, std
                   batch_size: int = 500, predict_fn=None) -> np.ndarray:
   """Runs every exit over `images` (uint8 NHWC) in batches; returns (K, N, C) float32 probabilities.
 
-  The last batch is padded to `batch_size` (so one program serves every batch) and the padding dropped.
+  `images` may be any array-like that slices like numpy (ImageNet's lazily decoded `imagenet.EvalImages`):
+  only one batch is materialised at a time. The last batch is padded to `batch_size` (so one program
+  serves every batch) and the padding dropped.
   """
   predict = predict_fn or make_predict_fn(model, mean, std)
   n = len(images)
@@ -37,7 +39,7 @@ def predict_probs(model: Any, variables: Any, images: np.ndarray, mean: Any, std
   batch_size = min(batch_size, n)
   outputs = []
   for lo in range(0, n, batch_size):
-    batch = images[lo:lo + batch_size]
+    batch = np.asarray(images[lo:lo + batch_size])
     real = len(batch)
     if real < batch_size:
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])

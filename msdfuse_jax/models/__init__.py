@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from msdfuse_jax.data import sources
 from msdfuse_jax.models.base import MultiExitModule
 from msdfuse_jax.models.densenet_mc import DenseNetMC
-from msdfuse_jax.models.msdnet import MSDFuse, MSDNet
+from msdfuse_jax.models.msdnet import MSDFuse, MSDFuseImageNet, MSDNet
 from msdfuse_jax.models.ranet import RANet
 from msdfuse_jax.models.resnet_mc import ResNetMC
 
@@ -41,10 +41,15 @@ PRESETS: dict[str, tuple[type[MultiExitModule], dict[str, Any]]] = {
     "msdnet_imagenet_step4": (MSDNet, dict(_IMAGENET, step=4)),
     "msdnet_imagenet_step6": (MSDNet, dict(_IMAGENET, step=6)),
     "msdnet_imagenet_step7": (MSDNet, dict(_IMAGENET, step=7)),
+    # MSDFuse in ImageNet mode, widths ours (the paper reports no ImageNet model): see `MSDFuseImageNet`.
+    "msdfuse_imagenet": (MSDFuseImageNet, {}),
     # Tiny variants for tests and `runlocal` runs: every code path, a fraction of the cost.
     "msdnet_imagenet_tiny": (MSDNet, dict(n_blocks=3, step_mode="even", step=2, base=2, n_channels=8,
                                           growth_rate=4, gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4),
                                           imagenet=True)),
+    "msdfuse_imagenet_tiny": (MSDNet, dict(n_blocks=3, step_mode="even", step=2, base=2, n_channels=8,
+                                           growth_rate=4, gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4),
+                                           imagenet=True, **_MSDFUSE_SWITCHES)),
     "msdnet_tiny": (MSDNet, dict(n_blocks=3, step_mode="even", step=2, base=2, n_channels=4,
                                  growth_rate=2, head_width=8)),
     "msdfuse_tiny": (MSDNet, dict(n_blocks=3, step_mode="even", step=2, base=2, n_channels=4,

@@ -249,7 +249,24 @@ class MSDFuseHead(Head):
     return classifier_linear(self.num_classes, x, self.param_init.zero_linear_bias)
 
 
+class MSDFuseImageNetHead(Head):
+  """The authors' MSDFuse classifier in ImageNet mode: ConvBasic 1x1 twice at `width` (0 keeps the input
+  width), global average pool, Linear."""
+
+  activation: str = "gelu"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    conv = functools.partial(ConvBasic, self.width or x.shape[-1], kernel=1, activation=self.activation,
+                             norm=self.norm, kernel_init=self.param_init.conv, dtype=self.dtype)
+    x = conv(name="conv1")(x, train=train)
+    x = conv(name="conv2")(x, train=train)
+    x = jnp.mean(x, axis=(1, 2))
+    return classifier_linear(self.num_classes, x, self.param_init.zero_linear_bias)
+
+
 HEADS = {"msdnet": MSDNetHead, "msdfuse": MSDFuseHead}
+IMAGENET_HEADS = {"msdnet": MSDNetHead, "msdfuse": MSDFuseImageNetHead}  # the same names, ImageNet mode
 
 
 # --- Resampling and heads shared by the RANet / ResNet^MC / DenseNet^MC baselines. ---------------------

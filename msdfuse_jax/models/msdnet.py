@@ -135,11 +135,13 @@ class EfficientStem(nn.Module):
   """MSDFuse's stem: ConvBasic 3x3, depthwise 3x3, 1x1, residual add of the first conv, depthwise 3x3/2.
 
   The paper calls layers 2 and 4 depthwise separable; the authors' code has layer 4 depthwise only, which
-  is the default here. ``pointwise_after_down=True`` adds a 1x1 ConvBasic after it.
+  is the default here. ``pointwise_after_down=True`` adds a 1x1 ConvBasic after it. ``first_stride=2`` is
+  the ImageNet mode (224 -> 112 -> 56).
   """
 
   features: int
   pointwise_after_down: bool = False
+  first_stride: int = 1
   activation: str = "gelu"
   norm: Callable[..., nn.Module] = layers.BatchNorm
   param_init: layers.Init = layers.INITS["pytorch"]
@@ -149,7 +151,7 @@ class EfficientStem(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     conv = functools.partial(layers.ConvBasic, self.features, activation=self.activation, norm=self.norm,
                              kernel_init=self.param_init.conv, dtype=self.dtype)
-    x1 = conv(kernel=3, name="conv1")(x, train=train)
+    x1 = conv(kernel=3, stride=self.first_stride, name="conv1")(x, train=train)
     x = conv(kernel=3, groups=self.features, name="conv2_dw")(x1, train=train)
     x = conv(kernel=1, name="conv3")(x, train=train)
     x = x + x1  # after conv3's activation; no activation after the add
@@ -162,8 +164,8 @@ class EfficientStem(nn.Module):
 class FirstLayer(nn.Module):
   """The first layer: one tensor per scale, each scale a stride-2 ConvBasic of the finer one.
 
-  ImageNet mode (MSDNet's): scale 1 is conv 7x7 stride 2 with bias -> BN -> ReLU -> max-pool 3x3 stride 2
-  (224 -> 112 -> 56) instead of the CIFAR ConvBasic 3x3.
+  ImageNet mode (224 -> 56 at scale 1): MSDNet's scale 1 is conv 7x7 stride 2 with bias -> BN -> ReLU ->
+  max-pool 3x3 stride 2 instead of the CIFAR ConvBasic 3x3; the efficient stem strides its first conv.
   """
 
   n_channels: int
@@ -182,8 +184,8 @@ class FirstLayer(nn.Module):
     conv = functools.partial(layers.ConvBasic, activation=self.activation, norm=self.norm,
                              kernel_init=self.param_init.conv, dtype=self.dtype)
     if self.stem == "efficient":
-      x = EfficientStem(widths[0], self.stem_pointwise, self.activation, self.norm, self.param_init, self.dtype,
-                        name="stem")(x, train=train)
+      x = EfficientStem(widths[0], self.stem_pointwise, 2 if self.imagenet else 1, self.activation, self.norm,
+                        self.param_init, self.dtype, name="stem")(x, train=train)
     elif self.imagenet:
       x = conv(widths[0], kernel=7, stride=2, use_bias=True, name="scale1")(x, train=train)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -238,8 +240,10 @@ class MSDBlock(nn.Module):
 class MSDNet(MultiExitModule):
   """MSDNet / MSDFuse. Defaults are MSDNet-PyTorch's anytime CIFAR model (32x32 inputs).
 
-  ``imagenet=True`` is MSDNet-PyTorch's ImageNet mode (224x224 inputs): the 7x7/2 stem with bias and a
-  max-pool, and classifiers that keep their input width (``head_width`` is then unused).
+  ``imagenet=True`` is the ImageNet mode (224x224 inputs, four times the CIFAR resolution): MSDNet-PyTorch's
+  7x7/2 stem with bias and a max-pool (``stem='msdnet'``) or the efficient stem with a strided first conv,
+  and classifiers that keep their input width (``head_width`` is then unused): MSDNet's (``head='msdnet'``)
+  or the authors' MSDFuse ImageNet head (``head='msdfuse'``: 1x1, 1x1, global pool, Linear).
 
   Attributes mirror MSDNet-PyTorch's arguments plus the MSDFuse switches (`stem`, `stem_pointwise`,
   `fusion`, `fused_transition`, `head`, `activation`), the training-parity switches `weight_init` ('pytorch':
@@ -292,10 +296,8 @@ class MSDNet(MultiExitModule):
     base.check_int_sequence("bn_factor", self.bn_factor)
     if self.stem != "efficient":
       base.check_unused(self, ("stem_pointwise",), f"stem={self.stem!r} (it applies to stem='efficient')")
-    if self.imagenet and (self.stem != "msdnet" or self.head != "msdnet"):
-      raise ValueError("imagenet=True is MSDNet's ImageNet mode: it needs stem='msdnet' and head='msdnet' "
-                       f"(got stem={self.stem!r}, head={self.head!r}); MSDFuse's ImageNet mode is not "
-                       "implemented yet")
+    if self.imagenet:
+      base.check_unused(self, ("head_width",), "imagenet=True (its classifiers keep their input width)")
     if len(self.gr_factor) == 1:
       base.check_unused(self, ("fusion", "fused_transition"), "a single scale (len(gr_factor) == 1)")
     if len(self.gr_factor) != len(self.bn_factor):
@@ -315,7 +317,7 @@ class MSDNet(MultiExitModule):
 
   def setup(self):
     self.validate()
-    head = layers.HEADS[self.head]
+    head = (layers.IMAGENET_HEADS if self.imagenet else layers.HEADS)[self.head]
     norm = layers.batch_norm(self.bn_unbiased_var, self.dtype)
     init = layers.init_scheme(self.weight_init)
     settings = BlockSettings(self.n_channels, self.growth_rate, tuple(self.gr_factor),
@@ -355,3 +357,27 @@ class MSDFuse(MSDNet):
   fused_transition: bool = True
   head: str = "msdfuse"
   activation: str = "gelu"
+
+
+class MSDFuseImageNet(MSDFuse):
+  """MSDFuse in ImageNet mode (224x224): the efficient stem with a strided first conv, four scales
+  (56/28/14/7), the authors' ImageNet classifier (1x1, 1x1, global pool, Linear), GELU.
+
+  The paper reports no ImageNet model, so the widths are ours, chosen against MSDNet's ImageNet model
+  (`msdnet_imagenet_step4`, exits 0.340e9 .. 1.361e9 in the literature convention): the last exit at no
+  more than 0.85x its last exit and the first at no more than its first. Chosen: 5 exits (even, step 4,
+  base 4, 20 layers), n_channels 42, growth_rate 14, gr_factor 1-2-4-4, bn_factor 1-2-4-4: exit 1 costs
+  0.323e9, exit 5 1.146e9 (0.842x). n_channels 32 with MSDNet's growth 16 puts the last exit at 1.327e9
+  (0.975x), growth 12 at 0.813e9; growth 14 with 42 channels is the widest pair inside both bounds.
+
+  Per-exit costs: `msdfuse_jax/models/cost_tables.json` (checked against the code by tests/test_costs.py).
+  """
+
+  n_blocks: int = 5
+  step: int = 4
+  base: int = 4
+  n_channels: int = 42
+  growth_rate: int = 14
+  gr_factor: Sequence[int] = (1, 2, 4, 4)
+  bn_factor: Sequence[int] = (1, 2, 4, 4)
+  imagenet: bool = True

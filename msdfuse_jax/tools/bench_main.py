@@ -61,23 +61,32 @@ def _timed(fn, *args) -> tuple[Any, float]:
   return out, time.perf_counter() - t0
 
 
-def _random_data(config: ml_collections.ConfigDict, batch_size: int, steps: int
-                 ) -> tuple[np.ndarray, np.ndarray, train.Plan]:
-  """Random uint8 images for `steps` distinct batches (every timed step reads new images), and the plan."""
-  train_cfg = ml_collections.ConfigDict(config.train.to_dict())
-  train_cfg.batch_size, train_cfg.num_steps = batch_size, steps
-  rng = np.random.default_rng(0)
-  n = batch_size * steps
-  images = rng.integers(0, 256, (n, *ts.IMAGE_SHAPE), dtype=np.uint8)
-  labels = rng.integers(0, sources.num_classes(config.dataset), (n,), dtype=np.int32)
-  return images, labels, train.make_plan(train_cfg, n)
+class _RandomData:
+  """Random uint8 images at the dataset's size for `steps` distinct batches (every timed step reads new
+  images), with the fields `train.make_feed` reads; already decoded, so no host augmentation is timed."""
+
+  def __init__(self, config: ml_collections.ConfigDict, batch_size: int, steps: int):
+    size = sources.image_size(config.dataset)
+    rng = np.random.default_rng(0)
+    n = batch_size * steps
+    self.dataset = config.dataset
+    self.train_images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    self.train_labels = rng.integers(0, sources.num_classes(config.dataset), (n,), dtype=np.int32)
+    train_cfg = ml_collections.ConfigDict(config.train.to_dict())
+    train_cfg.batch_size, train_cfg.num_steps = batch_size, steps
+    self.plan = train.make_plan(train_cfg, n)
+
+  def train_source(self, seed: int) -> Any:
+    del seed
+    from msdfuse_jax.data import stream  # pylint: disable=import-outside-toplevel  (needs grain)
+    return stream.ArraySource(self.train_images, self.train_labels)
 
 
 def benchmark_input(config: ml_collections.ConfigDict, batch_size: int, steps: int = 10) -> dict[str, Any]:
   """Times the configured input pipeline alone: every step's data arguments, ready on the devices."""
   pipeline = config.data.get("pipeline", "device")
-  images, labels, plan = _random_data(config, batch_size, steps + 1)
-  feed = train.make_feed(pipeline, images, labels, 0, plan, 0)
+  data = _RandomData(config, batch_size, steps + 1)
+  feed = train.make_feed(pipeline, data, 0, data.plan, 0)
   try:
     jax.block_until_ready(feed(0))  # starts the reader threads, puts the dataset on the devices
     t0 = time.perf_counter()
@@ -99,7 +108,8 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   model = models.from_config(config)
   num_classes = sources.num_classes(config.dataset)
   pipeline = config.data.get("pipeline", "device")
-  images, labels, plan = _random_data(config, batch_size, steps + 1)
+  data = _RandomData(config, batch_size, steps + 1)
+  images, labels, plan = data.train_images, data.train_labels, data.plan
   schedule = optim.learning_rate_schedule(config.optim, plan.steps_per_epoch, plan.total_steps)
   tx = optim.create_optimizer(config.optim, schedule)
   weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
@@ -107,8 +117,9 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   p_train_step, p_eval_step = train.make_steps(model, tx, config.aug, plan, weights, mean, std, num_classes,
                                                pipeline)
 
-  state = parallel.replicate(ts.init_train_state(model, tx, jax.random.PRNGKey(0)))
-  feed = train.make_feed(pipeline, images, labels, 0, plan, 0)
+  state = parallel.replicate(ts.init_train_state(model, tx, jax.random.PRNGKey(0),
+                                                 sources.image_size(config.dataset)))
+  feed = train.make_feed(pipeline, data, 0, plan, 0)
   aug_rng = parallel.replicate(jax.random.PRNGKey(1))
   votes = parallel.stop_votes(False)
 

@@ -30,6 +30,22 @@ def parse_config_arg(arg: str | None, valid: dict[str, str]) -> dict[str, str | 
   return out
 
 
+def run_loop_fields(train: Any) -> None:
+  """Sets the fields of ``config.train`` that every config file shares (logging, evaluation and checkpoint
+  cadence, multi-process start-up, batch shards) to their defaults; see `configs/cifar.py` for each."""
+  train.log_every_steps = 50
+  train.eval_every_steps = -1  # <= 0: once per epoch and at the end
+  train.checkpoint_every_steps = 1000
+  train.keep_checkpoints = 3
+  train.distributed = False  # join a multi-process run (jax.distributed.initialize) before training
+  # Override JAX's cluster detection (TPU VM, SLURM, Open MPI, ...) when set; needed elsewhere, e.g. two
+  # GPU machines or several processes on one: process 0's host:port, the process count, this process's id.
+  train.coordinator_address = ""
+  train.num_processes = 0  # 0: detected
+  train.process_id = -1  # -1: detected
+  train.num_shards = 0  # batch shards (BatchNorm, Mixup units); 0: 1 per device; set: any device count
+
+
 def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
                        sys_argv: Sequence[str] | None = None) -> None:
   """``--config=configs/cifar.py:dataset=cifar10,model=...`` plus ``--config.field=value`` overrides.
