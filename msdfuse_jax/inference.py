@@ -85,13 +85,13 @@ class EarlyExitRunner:
       return jnp.max(probs, -1), jnp.argmax(probs, -1)
 
     def first(variables, images):
-      state, logits = model.apply(variables, preprocess(images), 1, method=model.stage)
+      state, logits = model.apply(variables, preprocess(images), 1, method=model.ensemble_stage)
       return (state, *decide(logits))
 
     def later(variables, pool, index, k):
       # Gathering inside the compiled stage keeps the features on the device and costs no dispatch.
       state = jax.tree.map(lambda a: jnp.take(a, index, axis=0), pool)
-      state, logits = model.apply(variables, state, k, method=model.stage)
+      state, logits = model.apply(variables, state, k, method=model.ensemble_stage)
       # Back to the full batch size, so that the pool has one shape whatever the bucket.
       pad = batch_size - index.shape[0]
       state = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), state)

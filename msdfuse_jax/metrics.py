@@ -46,10 +46,24 @@ def summarize(sums: dict[str, np.ndarray], weights: np.ndarray, prefix: str) -> 
   return out
 
 
+WEIGHT_SCHEMES = ("uniform", "lin_grow")
+
+
 def exit_weights(weights: Any, num_exits: int) -> np.ndarray:
-  """``config.optim.exit_weights`` as an array (None: a plain sum over the exits)."""
-  if weights is None:
+  """``config.optim.exit_weights`` as an array of K weights.
+
+  None or ``"uniform"``: 1 for every exit (a plain sum, MSDNet's). ``"lin_grow"``: weights growing linearly
+  with the exit, ``2k / (K + 1)`` for k = 1..K (they sum to K, as the uniform ones do; the Lua MSDNet
+  declares these two names but always trains with uniform weights). Otherwise K numbers.
+  """
+  if weights is None or (isinstance(weights, str) and weights == "uniform"):
     return np.ones(num_exits, np.float32)
+  if isinstance(weights, str):
+    if weights == "lin_grow":
+      k = np.arange(1, num_exits + 1, dtype=np.float64)
+      return (2 * k / (num_exits + 1)).astype(np.float32)
+    raise ValueError(f"config.optim.exit_weights={weights!r}: expected one of {WEIGHT_SCHEMES} or "
+                     f"{num_exits} numbers")
   weights = np.asarray(weights, np.float32)
   if weights.shape != (num_exits,):
     raise ValueError(f"config.optim.exit_weights has {weights.size} entries but the model has "

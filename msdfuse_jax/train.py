@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from msdfuse_jax import checkpoints, models, parallel, preemption as preemption_lib, rundir, summaries
 from msdfuse_jax import data as data_lib
 from msdfuse_jax.data import augment, cifar, order, sources
+from msdfuse_jax.models import base as base_lib
 from msdfuse_jax import metrics as metrics_lib
 from msdfuse_jax import optim
 from msdfuse_jax import train_state as ts
@@ -61,23 +62,68 @@ class Preempted(RuntimeError):
 # `make_steps`.
 
 
+@dataclasses.dataclass(frozen=True)
+class Techniques:
+  """The training techniques of the step (static): IMTA's gradient equilibrium and last-exit distillation.
+
+  (BoostNet's boosted ensembles are a model field, ``boost_reweight``: they change the predictions too.)
+  """
+
+  gradient_equilibrium: bool = False
+  distill_alpha: float = 0.0        # 0: no distillation
+  distill_temperature: float = 1.0
+
+
+def techniques(config: ml_collections.ConfigDict) -> Techniques:
+  """The `Techniques` of a run config (fields absent from an older config.json are off); ConfigError when
+  a value is out of range."""
+  distill = config.get("distill") or {}
+  out = Techniques(bool(config.optim.get("gradient_equilibrium", False)), float(distill.get("alpha", 0.0)),
+                   float(distill.get("temperature", 1.0)))
+  if not 0.0 <= out.distill_alpha <= 1.0:
+    raise ConfigError(f"config.distill.alpha={out.distill_alpha} must lie in [0, 1] (0 disables distillation)")
+  if out.distill_temperature <= 0:
+    raise ConfigError(f"config.distill.temperature={out.distill_temperature} must be > 0")
+  return out
+
+
+def distillation_losses(logits: tuple[jax.Array, ...], temperature: float) -> jax.Array:
+  """Per-exit, per-sample ``T^2 KL(p_K^T || p_k^T)`` against the last exit (stopped gradient): (K, B),
+  0 for the last exit."""
+  stacked = jnp.stack([x.astype(jnp.float32) for x in logits]) / temperature
+  teacher = jax.lax.stop_gradient(jax.nn.log_softmax(stacked[-1], axis=-1))
+  student = jax.nn.log_softmax(stacked, axis=-1)
+  kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+  return temperature ** 2 * kl.at[-1].set(0.0)
+
+
 def loss_and_grads(params: Any, batch_stats: Any, images: jax.Array, labels: jax.Array, key: jax.Array, *,
                    model, aug: ml_collections.ConfigDict, mean: np.ndarray, std: np.ndarray, num_classes: int,
-                   weights: np.ndarray) -> tuple[Any, Any, Metrics]:
+                   weights: np.ndarray, tech: Techniques = Techniques()) -> tuple[Any, Any, Metrics]:
   """One shard's gradient: augment with `key`, forward in training mode, weighted sum of exit losses.
 
-  The loss is ``sum_k weights[k] * mean_over_batch(CE_k)``, MSDNet-PyTorch's summed criterion.
+  The loss is ``sum_k weights[k] * mean_over_batch(loss_k)``, MSDNet-PyTorch's summed criterion, with
+  ``loss_k = CE_k``, or with distillation ``(1 - alpha) CE_k + alpha T^2 KL(p_K^T || p_k^T)`` for k < K.
+  The metric sums report the cross-entropies.
 
   Returns:
     (gradient w.r.t. `params`, the shard's updated BatchNorm statistics, the shard's metric sums).
   """
   x, targets = augment.augment_batch(key, images, labels, aug, mean, std, num_classes)
+  alpha = tech.distill_alpha
+  num_exits = len(weights)
 
   def loss_fn(p):
-    logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                  mutable=["batch_stats"])
+    with base_lib.gradient_equilibrium(tech.gradient_equilibrium):
+      logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                    mutable=["batch_stats"])
     sums = metrics_lib.exit_metrics(logits, targets, labels)
-    return jnp.dot(weights, sums["loss"]) / sums["count"], (updates.get("batch_stats", {}), sums)
+    losses = sums["loss"]
+    if alpha > 0:
+      kd = distillation_losses(logits, tech.distill_temperature).sum(axis=1)
+      label_weight = np.where(np.arange(num_exits) < num_exits - 1, 1.0 - alpha, 1.0).astype(np.float32)
+      losses = label_weight * losses + alpha * kd
+    return jnp.dot(weights, losses) / sums["count"], (updates.get("batch_stats", {}), sums)
 
   grads, (new_stats, sums) = jax.grad(loss_fn, has_aux=True)(params)
   return grads, new_stats, sums
@@ -85,7 +131,7 @@ def loss_and_grads(params: Any, batch_stats: Any, images: jax.Array, labels: jax
 
 def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model, tx,
                aug: ml_collections.ConfigDict, mean: np.ndarray, std: np.ndarray, num_classes: int,
-               weights: np.ndarray) -> tuple[ts.TrainState, Metrics]:
+               weights: np.ndarray, tech: Techniques = Techniques()) -> tuple[ts.TrainState, Metrics]:
   """One SGD step on this device's shards of the global batch: the per-device program of `make_steps`.
 
   Args:
@@ -93,7 +139,7 @@ def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array
     batch: ``image`` uint8 (S, b, H, W, C), ``label`` int32 (S, b) and ``shard`` int32 (S,): the S shards
       this device runs and their global indices.
     rng: the run's augmentation key, the same on every device.
-    model, tx, aug, mean, std, num_classes, weights: bound with functools.partial (static).
+    model, tx, aug, mean, std, num_classes, weights, tech: bound with functools.partial (static).
 
   Returns:
     The new state and the metric sums of the whole global batch (accuracy against the un-mixed labels).
@@ -102,7 +148,8 @@ def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array
 
   def shard_grads(images, labels, shard):
     return loss_and_grads(state.params, state.batch_stats, images, labels, jax.random.fold_in(step_rng, shard),
-                          model=model, aug=aug, mean=mean, std=std, num_classes=num_classes, weights=weights)
+                          model=model, aug=aug, mean=mean, std=std, num_classes=num_classes, weights=weights,
+                          tech=tech)
 
   images, labels, shards = batch["image"], batch["label"], batch["shard"]
   if images.shape[0] == 1:  # one shard per device: no vmap, the common case
@@ -231,7 +278,8 @@ def make_plan(train: ml_collections.ConfigDict, num_examples: int) -> Plan:
 
 
 def make_steps(model, tx, aug: ml_collections.ConfigDict, plan: Plan, weights: np.ndarray,
-               mean: np.ndarray, std: np.ndarray, num_classes: int, pipeline: str = "device"):
+               mean: np.ndarray, std: np.ndarray, num_classes: int, pipeline: str = "device",
+               tech: Techniques = Techniques()):
   """The train step and the eval step, compiled for the global mesh (`parallel.spmd`).
 
   The train step is ``(state, *feed(step), votes, rng) -> (state, metric sums, stop votes)``, where
@@ -241,7 +289,7 @@ def make_steps(model, tx, aug: ml_collections.ConfigDict, plan: Plan, weights: n
   """
   check_pipeline(pipeline)
   common = dict(model=model, mean=mean, std=std, num_classes=num_classes)
-  step_fn = functools.partial(train_step, tx=tx, aug=aug, weights=weights, **common)
+  step_fn = functools.partial(train_step, tx=tx, aug=aug, weights=weights, tech=tech, **common)
   rep, split = P(), P(parallel.AXIS)
   if pipeline == "device":
     gather_fn = functools.partial(gather_batch, steps_per_epoch=plan.steps_per_epoch,
@@ -303,8 +351,12 @@ def _check_saved_config(config: ml_collections.ConfigDict, workdir: str) -> None
     model = c.get("model")
     if model is None:
       return None
-    # Through JSON, as config.json holds it (tuples become lists).
-    return json.loads(json.dumps({k: v for k, v in model.to_dict().items() if k != "dtype"}))
+    model = model.to_dict() if hasattr(model, "to_dict") else dict(model)
+    # A field added to the package after the run was saved has its preset value (a config.json from an
+    # older version resumes); through JSON, as config.json holds it (tuples become lists).
+    if model.get("name") in models.PRESETS:
+      model = {**models.preset_hparams(model["name"]), **model}
+    return json.loads(json.dumps({k: v for k, v in model.items() if k != "dtype"}))
 
   if architecture(saved) != architecture(config) or saved.get("dataset") != config.dataset:
     raise ConfigError(f"{workdir} holds a run of model {saved.get('model', {}).get('name')!r} on "
@@ -351,6 +403,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  tech = techniques(config)
   pipeline = check_pipeline(config.data.get("pipeline", "device"))  # before the (slow) data loading
   # Process 0 writes the run's files (every process computes the same validation split).
   data = data_lib.load(config.dataset, config.data, workdir, save_split=jax.process_index() == 0)
@@ -376,7 +429,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     _stop_before(stop, start, plan.total_steps, workdir)
 
     p_train_step, p_eval_step = make_steps(model, tx, config.aug, plan, weights, data.mean, data.std,
-                                           data.num_classes, pipeline)
+                                           data.num_classes, pipeline, tech)
     feed = make_feed(pipeline, data, config.seed, plan, start)
     cleanup.callback(feed.close)
     aug_rng = parallel.replicate(jax.random.fold_in(root, 1))

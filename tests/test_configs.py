@@ -51,6 +51,8 @@ def _changed(value, field_type):
     return repr(new), new
   if field_type is str or isinstance(value, str):
     return "something_else", "something_else"
+  if field_type is object:  # exit_weights: a scheme name or numbers
+    return "lin_grow", "lin_grow"
   raise AssertionError(f"no override written for {value!r} of type {field_type}")
 
 
@@ -84,6 +86,7 @@ def test_list_valued_model_fields_take_tuples_and_lists_from_the_command_line():
   assert parse_command_line("--config.model.gr_factor=[1,2,4]").model.gr_factor == (1, 2, 4)
   config = parse_command_line("--config.optim.exit_weights=(1,1,2)")
   assert tuple(config.optim.exit_weights) == (1, 1, 2)
+  assert parse_command_line("--config.optim.exit_weights=lin_grow").optim.exit_weights == "lin_grow"
 
 
 def test_an_unknown_field_is_described_with_the_valid_fields_of_its_sub_dict():

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from msdfuse_jax.data import sources
+from msdfuse_jax.models import base
 from msdfuse_jax.models.base import MultiExitModule
 from msdfuse_jax.models.densenet_mc import DenseNetMC
 from msdfuse_jax.models.msdnet import MSDFuse, MSDFuseImageNet, MSDNet
@@ -117,6 +118,7 @@ def build_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   model = cls(num_classes=num_classes, **kwargs)
   model.validate()  # fail at build time, not deep inside the first trace
+  base.check_boost_reweight(model.boost_reweight)
   return model
 
 

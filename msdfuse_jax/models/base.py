@@ -4,40 +4,137 @@ A multi-exit network is a sequence of K stages. Stage k maps a state (the images
 whatever stage k-1 returned: a list of per-scale feature maps, say) to ``(new_state, logits_k)``.
 Subclasses implement `stage` and `num_exits`; `__call__` and early-exit inference are written once here
 and in `msdfuse_jax.inference` against that contract.
+
+Two training techniques live in the contract, so that every architecture has them:
+
+* boosted ensembles (BoostNet): with ``boost_reweight = r > 0`` exit k predicts ``z_k + r * e_{k-1}``,
+  where ``z_k`` are its own logits and ``e_{k-1}`` the previous exit's prediction (``e_0 = 0``), taken
+  with a stopped gradient, so exit k's loss trains block k and head k only on what the ensemble still gets
+  wrong. `__call__`, `ensemble_stage` (early exit) and therefore evaluation, thresholds and costs all see
+  the ensembled predictions;
+* gradient equilibrium (IMTA): inside ``with gradient_equilibrium():`` (the train step, when
+  ``config.optim.gradient_equilibrium``), `exit_branch` rescales the gradient at each exit's branch
+  point; forward values are unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, Sequence
+import functools
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 
 
+_GRADIENT_EQUILIBRIUM = contextvars.ContextVar("gradient_equilibrium", default=False)
+
+
+@contextlib.contextmanager
+def gradient_equilibrium(enabled: bool = True) -> Iterator[None]:
+  """Models traced inside this context rescale the gradient at their exits' branch points (`exit_branch`).
+
+  A trace-time switch: wrap the loss function's `model.apply`; compiled programs keep what they were traced
+  with.
+  """
+  token = _GRADIENT_EQUILIBRIUM.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _GRADIENT_EQUILIBRIUM.reset(token)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scale_gradient(x: Any, scale: float) -> Any:
+  """The identity on `x` (any pytree) whose gradient is multiplied by the Python float `scale`."""
+  return x
+
+
+def _scale_gradient_fwd(x, scale):
+  del scale
+  return x, None
+
+
+def _scale_gradient_bwd(scale, _, g):
+  return (jax.tree.map(lambda t: t * scale, g),)
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+def boost(logits: jax.Array, previous: jax.Array | None, reweight: float) -> jax.Array:
+  """Exit k's boosted prediction: ``logits + reweight * stop_gradient(previous)`` (`previous` None at k=1)."""
+  if not reweight or previous is None:
+    return logits
+  return logits + reweight * jax.lax.stop_gradient(previous).astype(logits.dtype)
+
+
 class MultiExitModule(nn.Module):
-  """Base class: ``__call__(x, *, train=False, num_exits=None) -> tuple of per-exit logits``."""
+  """Base class: ``__call__(x, *, train=False, num_exits=None) -> tuple of per-exit predictions``.
+
+  Attributes:
+    boost_reweight: BoostNet's ensemble weight r (0.5 in BoostNet); 0 (the default) disables boosting.
+  """
+
+  boost_reweight: float = 0.0
 
   @property
   def num_exits(self) -> int:
     raise NotImplementedError
 
   def stage(self, state: Any, k: int, *, train: bool = False) -> tuple[Any, jax.Array]:
-    """Runs stage k (1-based) on `state`; returns the state for stage k+1 and exit k's logits."""
+    """Runs stage k (1-based) on `state`; returns the state for stage k+1 and exit k's logits.
+
+    Implementations pass the features their exit head reads through `exit_branch`.
+    """
     raise NotImplementedError
+
+  def exit_branch(self, features: Any, k: int) -> tuple[Any, Any]:
+    """(what exit k's head reads, what the trunk carries on) at exit k's branch point.
+
+    Under `gradient_equilibrium` (IMTA): the gradient reaching `features` from the head is multiplied by
+    1/(K-k+1) and the one from the trunk past the head by (K-k)/(K-k+1), i.e. the features get 1/(K-k+1)
+    and the trunk copy a further (K-k). Otherwise both are `features` itself.
+    """
+    if not _GRADIENT_EQUILIBRIUM.get():
+      return features, features
+    remaining = self.num_exits - k
+    x = scale_gradient(features, 1.0 / (remaining + 1))
+    return x, scale_gradient(x, float(remaining))
+
+  def ensemble_stage(self, carry: Any, k: int, *, train: bool = False) -> tuple[Any, jax.Array]:
+    """Stage k with exit k's prediction boosted: `carry` is the images for k = 1, else what stage k-1
+    returned; returns ``(carry for stage k+1, exit k's prediction)``. Without boosting it is `stage`."""
+    check_boost_reweight(self.boost_reweight)
+    if not self.boost_reweight:
+      return self.stage(carry, k, train=train)
+    state, previous = (carry, None) if k == 1 else carry
+    state, logits = self.stage(state, k, train=train)
+    prediction = boost(logits, previous, self.boost_reweight)
+    return (state, prediction), prediction
 
   def __call__(self, x: jax.Array, *, train: bool = False,
                num_exits: int | None = None) -> tuple[jax.Array, ...]:
-    """Runs exits 1..num_exits (all by default) on NHWC images; returns one logits array per exit.
+    """Runs exits 1..num_exits (all by default) on NHWC images; returns one prediction per exit (the
+    logits, boosted when `boost_reweight` > 0).
 
     `num_exits` is static: the forward pass stops after that exit, so nothing beyond it is traced.
     """
     k_max = check_num_exits(num_exits, self.num_exits)
-    state, outputs = x, []
+    carry, outputs = x, []
     for k in range(1, k_max + 1):
-      state, logits = self.stage(state, k, train=train)
-      outputs.append(logits)
+      carry, prediction = self.ensemble_stage(carry, k, train=train)
+      outputs.append(prediction)
     return tuple(outputs)
+
+
+def check_boost_reweight(value: Any) -> None:
+  """`boost_reweight` must be a number >= 0."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    raise ValueError(f"boost_reweight must be a number >= 0 (0 disables boosting; BoostNet uses 0.5), "
+                     f"got {value!r}")
 
 
 def check_num_exits(num_exits: int | None, total: int) -> int:

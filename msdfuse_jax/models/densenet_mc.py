@@ -159,4 +159,5 @@ class DenseNetMC(MultiExitModule):
       if i == 1 and b > 1:
         x = getattr(self, f"transition{b - 1}")(x, train=train)
       x = getattr(self, f"block{b}_layer{i}")(x, train=train)
-    return x, getattr(self, f"exit{k}")(x, train=train)
+    head_input, x = self.exit_branch(x, k)
+    return x, getattr(self, f"exit{k}")(head_input, train=train)

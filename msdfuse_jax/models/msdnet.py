@@ -333,7 +333,8 @@ class MSDNet(MultiExitModule):
   def stage(self, state: Any, k: int, *, train: bool = False) -> tuple[list[jax.Array], jax.Array]:
     """Runs block k (1-based) on `state` (the images for k = 1) and exit k on its coarsest scale."""
     xs = getattr(self, f"block{k}")(state, train=train)
-    return xs, getattr(self, f"exit{k}")(xs[-1], train=train)
+    head_input, coarsest = self.exit_branch(xs[-1], k)  # the head reads the coarsest scale
+    return [*xs[:-1], coarsest], getattr(self, f"exit{k}")(head_input, train=train)
 
 
 class MSDFuse(MSDNet):

@@ -333,5 +333,6 @@ class RANet(MultiExitModule):
       block = getattr(self, f"flow{p.flow + 1}_block{p.index}")
       x, outputs = block(x, low[p.index - 1], train=train) if p.fused else block(x, train=train)
       cur.append(outputs)
-    logits = getattr(self, f"exit{k}")(x, train=train)
+    head_input, x = self.exit_branch(x, k)
+    logits = getattr(self, f"exit{k}")(head_input, train=train)
     return dict(inputs=inputs, x=x, low=low, cur=cur), logits

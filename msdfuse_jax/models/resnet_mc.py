@@ -139,4 +139,5 @@ class ResNetMC(MultiExitModule):
     x = self.stem(state, train=train) if k == 1 else state
     for s, b in self.schedule()[k - 1]:
       x = getattr(self, f"stage{s}_block{b}")(x, train=train)
-    return x, getattr(self, f"exit{k}")(x, train=train)
+    head_input, x = self.exit_branch(x, k)
+    return x, getattr(self, f"exit{k}")(head_input, train=train)

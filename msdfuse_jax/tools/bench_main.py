@@ -115,7 +115,7 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
   mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
   p_train_step, p_eval_step = train.make_steps(model, tx, config.aug, plan, weights, mean, std, num_classes,
-                                               pipeline)
+                                               pipeline, train.techniques(config))
 
   state = parallel.replicate(ts.init_train_state(model, tx, jax.random.PRNGKey(0),
                                                  sources.image_size(config.dataset)))
