@@ -397,6 +397,18 @@ def test_sigterm_while_the_run_starts_stops_it_cleanly(tmp_path):
   assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")
 
 
+def test_a_config_json_of_an_older_version_without_new_model_fields_resumes(tmp_path):
+  # boost_reweight did not exist when this run was saved: its preset value (0) is assumed, not a mismatch.
+  config = tiny_config()
+  saved = config.to_dict()
+  del saved["model"]["boost_reweight"]
+  rundir.write_json(str(tmp_path / rundir.CONFIG_FILE), saved)
+  train._check_saved_config(config, str(tmp_path))  # pylint: disable=protected-access
+  config.model.boost_reweight = 0.5
+  with pytest.raises(train.ConfigError, match="another --workdir"):
+    train._check_saved_config(config, str(tmp_path))  # pylint: disable=protected-access
+
+
 def test_a_config_json_without_model_entry_is_reported_not_crashed(tmp_path):
   rundir.write_json(str(tmp_path / rundir.CONFIG_FILE), {"dataset": "cifar10"})
   with pytest.raises(train.ConfigError, match="another --workdir"):
