@@ -63,8 +63,8 @@ def _grads(model, variables, images, labels, tech=train.Techniques(), weights=No
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_takes_every_technique(name):
-  """Gradient equilibrium: forward bit-identical, heads' gradients unchanged, the trunk's rescaled;
-  boosting and distillation together train, with finite gradients."""
+  """Gradient equilibrium (the per-family part, `exit_branch` in each `stage`): forward bit-identical, heads'
+  gradients unchanged, the trunk's rescaled; with boosting and distillation too, finite gradients."""
   plain = models.build_model(name, 10)
   images, labels = _batch()
   variables = jax.jit(plain.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
@@ -85,10 +85,13 @@ def test_every_family_takes_every_technique(name):
   assert any(not np.allclose(np.asarray(a), np.asarray(b))
              for k in trunk_plain for a, b in zip(jax.tree.leaves(g_plain[k]), jax.tree.leaves(g_ge[k])))
 
-  boosted = models.build_model(name, 10, boost_reweight=0.5)
-  everything = train.Techniques(gradient_equilibrium=True, distill_alpha=0.5, distill_temperature=2.0)
-  grads = _grads(boosted, variables, images, labels, everything, weights="lin_grow")
-  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+  # Boosting and distillation live in the shared contract and loss (family-independent): all techniques
+  # together are trained on one family here (compiling a third gradient per family doubles the test's time).
+  if name == "msdnet_tiny":
+    boosted = models.build_model(name, 10, boost_reweight=0.5)
+    everything = train.Techniques(gradient_equilibrium=True, distill_alpha=0.5, distill_temperature=2.0)
+    grads = _grads(boosted, variables, images, labels, everything, weights="lin_grow")
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
 
 
 def test_boosted_exits_are_the_running_ensemble_with_stopped_gradients():
