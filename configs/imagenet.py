@@ -82,13 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.warmup_epochs = 0.0
   config.optim.decay_factor = 0.1
   config.optim.exit_weights = ml_collections.FieldReference(None, field_type=object)
-  # Training techniques (off by default; see the README's "Training techniques"): IMTA's gradient
-  # equilibrium, and IMTA's distillation of the last exit into the earlier ones, loss_k = (1 - alpha) CE_k +
-  # alpha T^2 KL(p_K^T || p_k^T). BoostNet's boosted ensembles are a model field, config.model.boost_reweight.
-  config.optim.gradient_equilibrium = False
-  config.distill = ml_collections.ConfigDict()
-  config.distill.alpha = 0.0
-  config.distill.temperature = 1.0
+  # optim.gradient_equilibrium, distill.alpha / distill.temperature (the training techniques, off):
+  flags_util.technique_fields(config)
 
   config.train = ml_collections.ConfigDict()
   flags_util.run_loop_fields(config.train)

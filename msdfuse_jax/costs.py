@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msdfuse_jax.data import sources
+
 try:  # JAX >= 0.4.36
   from jax.extend.core import Literal
 except ImportError:  # pragma: no cover - older JAX
@@ -177,7 +179,6 @@ def exit_costs(model: Any, variables: Any | None = None, image_size: int = 32, c
 def costs_report(model: Any, model_name: str, dataset: str, **kwargs) -> dict[str, Any]:
   """The JSON document of `msdfuse-costs` and `eval/costs.json`, at `dataset`'s image size unless
   `image_size` is given."""
-  from msdfuse_jax.data import sources  # pylint: disable=import-outside-toplevel
   kwargs.setdefault("image_size", sources.image_size(dataset))
   return {
       "model": model_name,

@@ -14,21 +14,26 @@ from tests import test_evaluate as evaluate_tests
 MEAN, STD = np.array([0.5, 0.5, 0.5], np.float32), np.array([0.25, 0.25, 0.25], np.float32)
 
 
+def early_exit_setup(model, *, seed=0, num_val=60, num_test=70, predict_batch=32, num_buckets=3):
+  """(runner, test images, val probs, test probs) for `model` at random init on random images: the
+  in-process runner and the simulated evaluation's inputs (also used by test_techniques.py)."""
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.default_rng(seed)
+  val = rng.integers(0, 256, (num_val, 32, 32, 3), dtype=np.uint8)
+  test = rng.integers(0, 256, (num_test, 32, 32, 3), dtype=np.uint8)
+  fn = predict.make_predict_fn(model, MEAN, STD)
+  val_probs = predict.predict_probs(model, variables, val, MEAN, STD, predict_batch, predict_fn=fn)
+  test_probs = predict.predict_probs(model, variables, test, MEAN, STD, predict_batch, predict_fn=fn)
+  preprocess = lambda x: (x.astype(jnp.float32) / 255.0 - MEAN) / STD
+  runner = inference.EarlyExitRunner(model, variables, preprocess, batch_size=16, num_buckets=num_buckets,
+                                     chunk_batches=2)
+  return runner, test, val_probs, test_probs
+
+
 @pytest.fixture(scope="module")
 def setup():
   model = models.build_model("msdnet_tiny", 10)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-  rng = np.random.default_rng(0)
-  # Structured images (class-dependent colour) so that confidences spread out across exits.
-  val = rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
-  test = rng.integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
-  fn = predict.make_predict_fn(model, MEAN, STD)
-  val_probs = predict.predict_probs(model, variables, val, MEAN, STD, 32, predict_fn=fn)
-  test_probs = predict.predict_probs(model, variables, test, MEAN, STD, 32, predict_fn=fn)
-  preprocess = lambda x: (x.astype(jnp.float32) / 255.0 - MEAN) / STD
-  runner = inference.EarlyExitRunner(model, variables, preprocess, batch_size=16, num_buckets=3,
-                                     chunk_batches=2)
-  return model, runner, test, val_probs, test_probs
+  return (model, *early_exit_setup(model))
 
 
 def test_bucket_sizes():

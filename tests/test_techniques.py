@@ -7,9 +7,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from msdfuse_jax import costs, inference, metrics, models, train
-from msdfuse_jax.evaluation import budget, predict
+from msdfuse_jax import costs, metrics, models, train
+from msdfuse_jax.evaluation import budget
 from msdfuse_jax.models import base
+from tests import test_inference as inference_tests
 
 FAMILIES = ("msdnet_tiny", "msdfuse_tiny", "ranet_tiny", "resnet_mc_tiny", "densenet_mc_tiny")
 MEAN, STD = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
@@ -126,17 +127,8 @@ def test_boosted_exits_are_the_running_ensemble_with_stopped_gradients():
 @pytest.fixture(scope="module")
 def boosted_run():
   model = models.build_model("resnet_mc_tiny", 10, boost_reweight=0.5)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-  rng = np.random.default_rng(3)
-  val = rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
-  test = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
-  fn = predict.make_predict_fn(model, MEAN, STD)
-  val_probs = predict.predict_probs(model, variables, val, MEAN, STD, 16, predict_fn=fn)
-  test_probs = predict.predict_probs(model, variables, test, MEAN, STD, 16, predict_fn=fn)
-  preprocess = lambda im: (im.astype(jnp.float32) / 255.0 - MEAN) / STD
-  runner = inference.EarlyExitRunner(model, variables, preprocess, batch_size=16, num_buckets=2,
-                                     chunk_batches=2)
-  return runner, test, val_probs, test_probs
+  return inference_tests.early_exit_setup(model, seed=3, num_val=48, num_test=40, predict_batch=16,
+                                          num_buckets=2)
 
 
 @pytest.mark.parametrize("p", [4, 20, 35])

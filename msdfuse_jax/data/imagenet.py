@@ -342,7 +342,7 @@ def read_tfds(data_dir: str | None, manual_dir: str | None
     except Exception as e:  # pylint: disable=broad-except  (array_record missing, damaged files, ...)
       raise DataError(f"cannot read TFDS imagenet2012 {name} in {builder.data_dir} as array_record "
                       f"({type(e).__name__}: {e}); pip install array-record, or prepare it again") from None
-    labels = _tfds_labels(builder, name)
+    labels = _tfds_labels(builder, name, source)
     return TfdsReader(source, f"TFDS imagenet2012 {name}"), labels
 
   train, train_labels = split("train")
@@ -351,13 +351,12 @@ def read_tfds(data_dir: str | None, manual_dir: str | None
   return train, train_labels, val, val_labels
 
 
-def _tfds_labels(builder: Any, split: str) -> np.ndarray:
-  """The labels of a TFDS split, read once (labels only: the images are not parsed) and cached beside it."""
+def _tfds_labels(builder: Any, split: str, source: Any) -> np.ndarray:
+  """The labels of a TFDS split (its data `source`), read once (the images are not decoded) and cached
+  beside the prepared files."""
   cache = os.path.join(os.fspath(builder.data_dir), f"msdfuse_labels_{split}.npy")
   if os.path.isfile(cache):
     return np.load(cache)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
   labels = np.fromiter((source[i]["label"] for i in range(len(source))), np.int32, len(source))
   try:
     np.save(cache, labels)

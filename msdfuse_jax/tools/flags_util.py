@@ -11,6 +11,7 @@ import sys
 from typing import Any, Sequence
 
 from absl import app, flags
+import ml_collections
 from ml_collections import config_flags
 
 
@@ -44,6 +45,17 @@ def run_loop_fields(train: Any) -> None:
   train.num_processes = 0  # 0: detected
   train.process_id = -1  # -1: detected
   train.num_shards = 0  # batch shards (BatchNorm, Mixup units); 0: 1 per device; set: any device count
+
+
+def technique_fields(config: Any) -> None:
+  """Adds the training techniques' fields, all off, to a config that has ``config.optim``: IMTA's gradient
+  equilibrium (``optim.gradient_equilibrium``) and IMTA's distillation of the last exit into the earlier ones
+  (``distill.alpha``, ``distill.temperature``: loss_k = (1 - alpha) CE_k + alpha T^2 KL(p_K^T || p_k^T)).
+  BoostNet's boosted ensembles are a model field, ``model.boost_reweight``. See `train.techniques`."""
+  config.optim.gradient_equilibrium = False
+  config.distill = ml_collections.ConfigDict()
+  config.distill.alpha = 0.0
+  config.distill.temperature = 1.0
 
 
 def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
