@@ -5,11 +5,13 @@ batch goes through the network stage by stage (`MultiExitModule.stage`); after s
 confidence reaches exit k's threshold leave, and the survivors' stage-k features (not the images) are
 passed on, so no work is repeated.
 
-Shapes are what makes this fast under XLA: the survivors are compacted into one of a few fixed bucket
-sizes (the batch size divided by powers of two) and gathered from a pool of fixed size, so each
-(stage, bucket) pair compiles once, and after warm-up nothing recompiles, whatever the number of
-survivors. Survivors of a whole chunk of batches are pooled, so that only one batch per stage and chunk
-is partly padding.
+The runner itself is `msdfuse_jax.serving.Runner` (shared with the exported programs' runtime); this
+module builds its programs in-process (`stage_functions`, `EarlyExitRunner`) and does `msdfuse-infer`'s
+work (`run_inference`). Shapes are what makes it fast under XLA: the survivors are compacted into one of a
+few fixed bucket sizes (the batch size divided by powers of two) and gathered, inside the next stage's
+program, from the previous stage's outputs, so each (stage, bucket) pair compiles once, and after warm-up
+nothing recompiles, whatever the number of survivors. Survivors of a whole chunk of batches are pooled,
+so that only one batch per stage and chunk is partly padding.
 
 Decisions are the simulation's, exactly: a sample exits at the first k with ``max softmax >= T_k``
 (float32), and the last exit takes everybody left (its threshold is -1e8).
@@ -17,165 +19,101 @@ Decisions are the simulation's, exactly: a sample exits at the first k with ``ma
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msdfuse_jax import costs, models
+from msdfuse_jax import costs, folding, models, serving
 from msdfuse_jax.data import augment, sources
 from msdfuse_jax.evaluation import budget, evaluate, predict
 
 
-@dataclasses.dataclass
-class EarlyExitResult:
-  """Per-sample predictions and exits (1-based) of an early-exit run, with its wall time."""
-
-  predictions: np.ndarray
-  exits: np.ndarray
-  seconds: float
-
-  @property
-  def images_per_second(self) -> float:
-    return len(self.predictions) / self.seconds if self.seconds > 0 else float("inf")
+EarlyExitResult = serving.EarlyExitResult
+bucket_sizes = serving.bucket_sizes
 
 
-def bucket_sizes(batch_size: int, num_buckets: int = 5) -> list[int]:
-  """``[batch_size, batch_size/2, ...]`` (rounded up), `num_buckets` sizes at most, largest first."""
-  sizes = [batch_size]
-  while len(sizes) < num_buckets and sizes[-1] > 1:
-    sizes.append(-(-sizes[-1] // 2))
-  return sizes
+def _decide(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """An exit's confidence (max softmax, float32) and prediction (int32), as the simulation computes them."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.max(probs, -1), jnp.argmax(probs, -1).astype(jnp.int32)
 
 
-class EarlyExitRunner:
-  """Runs a multi-exit model with confidence thresholds, stage by stage, on compacted survivors.
+def stage_functions(model: Any, variables: Any, preprocess=lambda x: x, batch_size: int = 256,
+                    folded: folding.FoldedModel | None = None) -> dict[int, Any]:
+  """The per-stage programs of `serving.Runner`, as traceable functions: k -> function.
 
-  Images are taken a chunk at a time (`chunk_batches` batches). Stage 1 runs on the whole chunk; the
-  features of its survivors are pooled, and stage k runs on full batches of survivors gathered from that
-  pool, only the chunk's last batch being padded (to the smallest bucket that holds it). All batches of a
-  stage are dispatched before any decision is read back, so the host's bookkeeping overlaps the device's
-  work.
+  Stage 1 maps images (b, H, W, C) to ``(state, confidence, prediction)``; stage k > 1 maps ``(states,
+  index)``, a tuple of states of `batch_size` rows and the (b,) survivor rows of their concatenation, to the
+  same triple. The gather happens inside the program (XLA reads the rows from the concatenation without
+  materialising it), and each returned state is padded to `batch_size` rows, so that every program has
+  one input shape whatever the bucket. The last stage returns an empty state.
+
+  Args:
+    model: a `MultiExitModule`.
+    variables: its variables.
+    preprocess: raw images -> the model's input, inside stage 1 (e.g. uint8 -> normalised float32).
+    batch_size: rows of every state.
+    folded: the model with BatchNorm folded into its convolutions (`folding.FoldedModel`), to run instead
+      of ``model.apply(variables, ...)``.
+  """
+  num_exits = model.num_exits
+  apply = folded.apply if folded is not None else functools.partial(model.apply, variables)
+
+  def pad(state):
+    return jax.tree.map(
+        lambda a: jnp.pad(a, [(0, batch_size - a.shape[0])] + [(0, 0)] * (a.ndim - 1)), state)
+
+  def finish(k, state, logits):
+    return (pad(state) if k < num_exits else (), *_decide(logits))
+
+  def first(images):
+    state, logits = apply(preprocess(images), 1, method=model.ensemble_stage)
+    return finish(1, state, logits)
+
+  def later(k, states, index):
+    state = jax.tree.map(lambda *xs: jnp.take(jnp.concatenate(xs, axis=0), index, axis=0), *states)
+    state, logits = apply(state, k, method=model.ensemble_stage)
+    return finish(k, state, logits)
+
+  return {k: first if k == 1 else functools.partial(later, k) for k in range(1, num_exits + 1)}
+
+
+class EarlyExitRunner(serving.Runner):
+  """`serving.Runner` on the in-process model: one jitted program per stage (its bucket sizes are shapes
+  of the same jitted function).
 
   Args:
     model: a `MultiExitModule`.
     variables: its variables (params and batch statistics).
     preprocess: maps a batch of raw images (e.g. uint8) to the model's input (e.g. normalised float32);
-      it runs inside the first stage's compiled function.
+      it runs inside the first stage's program.
     batch_size: images per batch; the largest bucket.
     num_buckets: batch sizes a partial batch can be padded to (batch_size, /2, /4, ...).
-    chunk_batches: batches per chunk (the pool of features held on the device).
+    chunk_batches: batches per chunk (how many states a stage gathers its survivors from).
+    fold: fold BatchNorm into the convolutions (what `msdfuse-export` ships).
+    example: the model's input (after `preprocess`) or its `jax.ShapeDtypeStruct`, needed to fold.
   """
 
   def __init__(self, model: Any, variables: Any, preprocess=lambda x: x, batch_size: int = 256,
-               num_buckets: int = 5, chunk_batches: int = 4):
+               num_buckets: int = 5, chunk_batches: int = 4, fold: bool = False,
+               example: Any = None):
     self.model = model
     self.variables = variables
-    self.calls: dict[tuple[int, int], int] = {}  # (stage, bucket size) -> number of calls so far
-    self.batch_size = batch_size
-    self.chunk = batch_size * chunk_batches
-    self.buckets = bucket_sizes(batch_size, num_buckets)
-    chunk = self.chunk
+    folded = folding.FoldedModel(model, variables, example) if fold else None
+    fns = stage_functions(model, variables, preprocess, batch_size, folded)
+    self.jitted = {k: jax.jit(fn) for k, fn in fns.items()}
+    buckets = bucket_sizes(batch_size, num_buckets)
+    programs = {(k, b): self.jitted[k] for k in fns for b in buckets}
+    super().__init__(programs, model.num_exits, batch_size, buckets, chunk_batches)
 
-    def decide(logits):
-      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-      return jnp.max(probs, -1), jnp.argmax(probs, -1)
-
-    def first(variables, images):
-      state, logits = model.apply(variables, preprocess(images), 1, method=model.ensemble_stage)
-      return (state, *decide(logits))
-
-    def later(variables, pool, index, k):
-      # Gathering inside the compiled stage keeps the features on the device and costs no dispatch.
-      state = jax.tree.map(lambda a: jnp.take(a, index, axis=0), pool)
-      state, logits = model.apply(variables, state, k, method=model.ensemble_stage)
-      # Back to the full batch size, so that the pool has one shape whatever the bucket.
-      pad = batch_size - index.shape[0]
-      state = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), state)
-      return (state, *decide(logits))
-
-    def assemble(pieces):
-      def join(*xs):
-        x = jnp.concatenate(xs, axis=0)
-        return jnp.pad(x, [(0, chunk - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-      return jax.tree.map(join, *pieces)
-
-    self._first = jax.jit(first)
-    self._later = jax.jit(later, static_argnums=3)
-    self._assemble = jax.jit(assemble)
-
-  def _bucket(self, n: int) -> int:
-    return min(b for b in self.buckets if b >= n)
-
-  def warmup(self, example_images: np.ndarray) -> None:
-    """Compiles every program a run can need, so that timed runs measure no compilation."""
-    images = np.repeat(example_images[:1], self.batch_size, axis=0)
-    state = self._first(self.variables, images)[0]
-    n_pieces = self.chunk // self.batch_size
-    outs = [self._assemble([state] * n) for n in range(1, n_pieces + 1)]
-    pool = outs[-1]
-    for k in range(2, self.model.num_exits + 1):
-      for b in self.buckets:
-        outs.append(self._later(self.variables, pool, jnp.zeros((b,), jnp.int32), k))
-      pool = self._assemble([outs[-len(self.buckets)][0]] * n_pieces)
-    jax.block_until_ready(outs)
-
-  def run(self, images: np.ndarray, thresholds: Sequence[float]) -> EarlyExitResult:
-    """Classifies `images` with early exits at `thresholds` (K values, the last one -1e8)."""
-    thresholds = np.asarray(thresholds, np.float32)
-    num_exits = self.model.num_exits
-    if thresholds.shape != (num_exits,):
-      raise ValueError(f"need {num_exits} thresholds (one per exit), got shape {thresholds.shape}")
-    n = len(images)
-    predictions = np.zeros((n,), np.int64)
-    exits = np.zeros((n,), np.int64)
-    start = time.perf_counter()
-    for lo in range(0, n, self.chunk):
-      self._run_chunk(images[lo:lo + self.chunk], lo, thresholds, predictions, exits)
-    return EarlyExitResult(predictions, exits, time.perf_counter() - start)
-
-  def _run_chunk(self, images, offset, thresholds, predictions, exits) -> None:
-    b, num_exits = self.batch_size, self.model.num_exits
-    # Stage 1 on every batch of the chunk (dispatched together), then the decisions.
-    outs, sizes = [], []
-    for lo in range(0, len(images), b):
-      batch = images[lo:lo + b]
-      sizes.append(len(batch))
-      if len(batch) < b:  # pad the last batch; the padding is dropped at the first decision
-        batch = np.concatenate([batch, np.repeat(batch[:1], b - len(batch), axis=0)])
-      self._count(1, b)
-      outs.append(self._first(self.variables, batch))
-    # `groups` lists, per batch of the current stage, the images it holds (indices into `images`).
-    groups = [np.arange(i * b, i * b + size) for i, size in enumerate(sizes)]
-    for k in range(1, num_exits + 1):
-      if k > 1:
-        outs, new_groups = [], []
-        for lo in range(0, len(alive), b):
-          index = alive[lo:lo + b]
-          bucket = self._bucket(len(index))
-          index = np.concatenate([index, np.repeat(index[:1], bucket - len(index))]).astype(np.int32)
-          self._count(k, bucket)
-          outs.append(self._later(self.variables, pool, index, k))
-          new_groups.append(alive_ids[lo:lo + b])
-        groups = new_groups
-      alive, alive_ids = [], []
-      for i, (out, ids) in enumerate(zip(outs, groups)):
-        conf, pred = np.asarray(out[1])[:len(ids)], np.asarray(out[2])[:len(ids)]
-        done = conf >= thresholds[k - 1] if k < num_exits else np.ones(len(ids), bool)
-        predictions[offset + ids[done]] = pred[done]
-        exits[offset + ids[done]] = k
-        alive.append(i * b + np.flatnonzero(~done))  # positions in the pool assembled below
-        alive_ids.append(ids[~done])
-      alive, alive_ids = np.concatenate(alive), np.concatenate(alive_ids)
-      if not len(alive):
-        return
-      pool = self._assemble([out[0] for out in outs])
-
-  def _count(self, k: int, bucket: int) -> None:
-    self.calls[(k, bucket)] = self.calls.get((k, bucket), 0) + 1
+  def compiled_programs(self) -> int:
+    """How many (stage, shape) programs have been compiled so far."""
+    return sum(fn._cache_size() for fn in self.jitted.values())  # pylint: disable=protected-access
 
 
 def full_network_fns(model: Any, preprocess=lambda x: x):
@@ -206,21 +144,15 @@ def time_batches(fn, variables: Any, images: np.ndarray, batch_size: int, repeat
   return best
 
 
-def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_size: int,
-                  repeats: int) -> dict:
-  """`msdfuse-infer`'s work: fits thresholds, runs early exit and the baselines, checks the simulation.
-
-  Args:
-    workdir: a run directory (trained or imported).
-    p: the budget point (1..`budget.NUM_BUDGET_POINTS`), or None to use `cost_budget`.
-    cost_budget: the largest average cost per image (literature op_counter units) when `p` is None.
-    batch_size: images per batch (the largest bucket).
-    repeats: timed repetitions; the best is reported.
+def fit_budget(config: Any, model: Any, variables: Any, data: Any, p: int | None,
+               cost_budget: float | None, batch_size: int) -> dict:
+  """The thresholds of budget point `p` (or of the largest point whose validation cost fits `cost_budget`),
+  fitted on the validation split exactly as `msdfuse-eval` fits them.
 
   Returns:
-    The figures written to ``WORKDIR/eval/infer.json``.
+    dict with ``p``, ``thresholds``, ``exit_costs`` (literature op_counter per exit), ``expected_val_cost``
+    and the validation and test probabilities (``val_probs``, ``test_probs``: (K, N, C)).
   """
-  config, model, variables, step, data = evaluate.load_run(workdir)
   mean, std = np.asarray(data.mean), np.asarray(data.std)
   predict_fn = predict.make_predict_fn(model, mean, std)
   val_probs = predict.predict_probs(model, variables, data.val_images, mean, std, batch_size,
@@ -233,28 +165,83 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
   if p is None:
     p = budget.thresholds_for_budget(val_probs, exit_costs, cost_budget)
   thresholds = budget.fit_thresholds(val_probs, p)
-  sim_exits, sim_preds = budget.apply_thresholds(test_probs, thresholds)
+  val_exits, _ = budget.apply_thresholds(val_probs, thresholds)
+  counts = np.bincount(val_exits, minlength=model.num_exits)
+  return dict(p=int(p), thresholds=thresholds, exit_costs=exit_costs, val_probs=val_probs,
+              test_probs=test_probs,
+              expected_val_cost=float(np.dot(counts / len(val_exits), exit_costs)))
+
+
+def check_export_matches(manifest: dict, config: Any, export_dir: str) -> None:
+  """ValueError unless the export in `export_dir` was made from a run of this model and dataset."""
+  for key, value in (("model", config.model.name), ("dataset", config.dataset)):
+    if manifest.get(key) != value:
+      raise ValueError(f"{export_dir}/manifest.json is an export of {key} {manifest.get(key)!r}, but the run "
+                       f"is {key} {value!r}: give the --workdir it was exported from")
+
+
+def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_size: int,
+                  repeats: int, export_dir: str | None = None) -> dict:
+  """`msdfuse-infer`'s work: fits thresholds, runs early exit and the baselines, checks the simulation,
+  and times every stage alone.
+
+  Args:
+    workdir: a run directory (trained or imported).
+    p: the budget point (1..`budget.NUM_BUDGET_POINTS`), or None to use `cost_budget`.
+    cost_budget: the largest average cost per image (literature op_counter units) when `p` is None.
+    batch_size: images per batch (the largest bucket).
+    repeats: timed repetitions; the best is reported.
+    export_dir: run the exported programs of this directory (`msdfuse-export`) with `serving.Runner`
+      instead of the in-process model; its thresholds, batch size and buckets are then the export's
+      (`p`, `cost_budget` and `batch_size` must be None).
+
+  Returns:
+    The figures written to ``WORKDIR/eval/infer.json``.
+  """
+  if export_dir is not None:
+    manifest = serving.read_manifest(export_dir)
+    config, model, variables, step, data = evaluate.load_run(workdir, dtype="float32")
+    check_export_matches(manifest, config, export_dir)
+    batch_size = int(manifest["batch_size"])
+    fit = fit_budget(config, model, variables, data, int(manifest["p"]), None, batch_size)
+    thresholds = np.asarray(manifest["thresholds"], np.float32)
+    runner = serving.Runner.from_dir(export_dir)
+  else:
+    config, model, variables, step, data = evaluate.load_run(workdir)
+    fit = fit_budget(config, model, variables, data, p, cost_budget, batch_size)
+    thresholds = fit["thresholds"]
+  p, exit_costs = fit["p"], fit["exit_costs"]
+  sim_exits, sim_preds = budget.apply_thresholds(fit["test_probs"], thresholds)
 
   # Timed on decoded images held in memory (ImageNet's lazy test set is decoded here, once).
   test_images = np.asarray(data.test_images)
+  mean, std = np.asarray(data.mean), np.asarray(data.std)
   preprocess = lambda images: augment.eval_batch(images, mean, std)
-  runner = EarlyExitRunner(model, variables, preprocess, batch_size=batch_size)
+  if export_dir is None:
+    runner = EarlyExitRunner(model, variables, preprocess, batch_size=batch_size)
   runner.warmup(test_images)
   result = min((runner.run(test_images, thresholds) for _ in range(repeats)),
                key=lambda r: r.seconds)
   every_exit, last_exit = full_network_fns(model, preprocess)
   t_full = time_batches(every_exit, variables, test_images, batch_size, repeats)
   t_last = time_batches(last_exit, variables, test_images, batch_size, repeats)
+  stage_seconds = runner.stage_seconds(test_images, repeats)
 
   n = len(test_images)
   counts = np.bincount(result.exits - 1, minlength=model.num_exits)
+  reaching = n - np.concatenate([[0], np.cumsum(counts)[:-1]])
+  per_image = np.array([stage_seconds[k][batch_size] / batch_size for k in range(1, model.num_exits + 1)])
+  t_ideal = float(reaching @ per_image)
   expected_cost = float(np.dot(counts / n, exit_costs))
   predicted = exit_costs[-1] / expected_cost
   realised = t_full / result.seconds
+  time_ideal = t_full / t_ideal
   return {
       "workdir": workdir, "step": step, "p": int(p), "thresholds": [float(t) for t in thresholds],
+      "runner": "export" if export_dir is not None else "in-process",
+      "export_dir": None if export_dir is None else os.path.abspath(export_dir),
       "num_images": n, "batch_size": batch_size, "buckets": runner.buckets,
-      "exit_counts": counts.tolist(),
+      "exit_counts": counts.tolist(), "reaching_stage": reaching.tolist(),
       "accuracy": float(100.0 * np.mean(result.predictions == data.test_labels)),
       "expected_cost": expected_cost, "full_cost": exit_costs[-1],
       "early_exit_images_per_s": n / result.seconds,
@@ -262,6 +249,11 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
       "last_exit_images_per_s": n / t_last,
       "speedup_vs_full": realised, "speedup_vs_last_exit": t_last / result.seconds,
       "predicted_speedup": predicted, "realised_over_predicted": realised / predicted,
+      "time_ideal_speedup": time_ideal,
+      "realised_over_time_ideal": realised / time_ideal,
+      "time_ideal_over_predicted": time_ideal / predicted,
+      "stage_ms_per_image": [1e3 * t for t in per_image],
+      "stage_seconds": {str(k): {str(b): t for b, t in times.items()} for k, times in stage_seconds.items()},
       "matches_simulation": bool(np.array_equal(result.exits, sim_exits + 1)
                                  and np.array_equal(result.predictions, sim_preds)),
   }

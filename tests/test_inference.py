@@ -67,12 +67,13 @@ def test_later_stages_see_only_survivors(setup):
 
 
 def test_no_recompilation_after_warmup(setup):
-  _, runner, test, val_probs, _ = setup
+  model, runner, test, val_probs, _ = setup
   runner.warmup(test)
-  sizes = (runner._first._cache_size(), runner._later._cache_size())  # pylint: disable=protected-access
+  compiled = runner.compiled_programs()
+  assert compiled == model.num_exits * len(runner.buckets)  # one per (stage, bucket)
   for p in (3, 15, 30):
     runner.run(test[: 50 - p], budget.fit_thresholds(val_probs, p))
-  assert (runner._first._cache_size(), runner._later._cache_size()) == sizes  # pylint: disable=protected-access
+  assert runner.compiled_programs() == compiled
 
 
 def test_wrong_number_of_thresholds(setup):

@@ -3,11 +3,16 @@
   msdfuse-infer --workdir=DIR --p=P          # P in 1..39 (budget.NUM_BUDGET_POINTS), the curve's points
   msdfuse-infer --workdir=DIR --budget=COST  # the largest validation budget <= COST (op_counter units)
 
+  msdfuse-infer --workdir=DIR --export=EXPORT  # the programs of msdfuse-export, through msdfuse_jax.serving
+
 Thresholds are fitted on the run's validation split exactly as in `msdfuse-eval`. The test set is then
 classified stage by stage, each stage run only on the samples still undecided
 (`msdfuse_jax.inference`). Reported: images/s of early exit, of the full network (every exit) and of the
 last exit alone; the realised speedup against the speedup the cost ratio predicts; and a check that
-predictions and exits equal the simulated budgeted evaluation's. Writes ``DIR/eval/infer.json``.
+predictions and exits equal the simulated budgeted evaluation's; each stage's time alone and the
+time-ideal speedup (the full network's time over the survivor-weighted sum of the stages' times), with
+the runner's overhead (realised / time-ideal) and the architecture's CPU penalty (time-ideal /
+predicted). Writes ``DIR/eval/infer.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ flags.DEFINE_integer("p", None, f"Budget point p in 1..{budget.NUM_BUDGET_POINTS
 flags.DEFINE_float("budget", None, "Average cost per image (literature op_counter units), instead of --p.")
 flags.DEFINE_integer("batch_size", 256, "Images per batch (the largest bucket).")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
+flags.DEFINE_string("export", None, "Run the programs of this export directory (msdfuse-export) with the "
+                    "model-free runtime msdfuse_jax.serving; its budget and batch size are the export's.")
 FLAGS = flags.FLAGS
 
 
@@ -34,7 +41,10 @@ def main(argv) -> None:
   del argv
   if not FLAGS.workdir:
     flags_util.fail("--workdir is required: the directory of a training run")
-  if (FLAGS.p is None) == (FLAGS.budget is None):
+  if FLAGS.export is not None:
+    if FLAGS.p is not None or FLAGS.budget is not None:
+      flags_util.fail("--export runs the export's own budget: leave out --p and --budget")
+  elif (FLAGS.p is None) == (FLAGS.budget is None):
     flags_util.fail(f"give exactly one of --p (1..{budget.NUM_BUDGET_POINTS}) or --budget (average cost per "
                     "image)")
   if FLAGS.p is not None and not 1 <= FLAGS.p <= budget.NUM_BUDGET_POINTS:
@@ -42,7 +52,8 @@ def main(argv) -> None:
   flags_util.enable_compilation_cache()
   flags_util.quiet_library_logs()
   try:
-    out = inference.run_inference(FLAGS.workdir, FLAGS.p, FLAGS.budget, FLAGS.batch_size, FLAGS.repeats)
+    out = inference.run_inference(FLAGS.workdir, FLAGS.p, FLAGS.budget,
+                                  None if FLAGS.export else FLAGS.batch_size, FLAGS.repeats, FLAGS.export)
   except (FileNotFoundError, ValueError, checkpoints.CheckpointError, sources.DataError) as e:
     flags_util.fail(str(e))
   path = rundir.write_json(os.path.join(rundir.eval_dir(FLAGS.workdir), rundir.INFER_FILE), out)
@@ -55,6 +66,12 @@ def main(argv) -> None:
   print(f"realised speedup {out['speedup_vs_full']:.2f}x over the full network "
         f"({out['realised_over_predicted']:.2f} of predicted), {out['speedup_vs_last_exit']:.2f}x over "
         f"the last exit alone")
+  print(f"stage ms per image at batch {out['batch_size']}: "
+        f"{', '.join(f'{t:.3f}' for t in out['stage_ms_per_image'])}; images reaching each stage "
+        f"{out['reaching_stage']}")
+  print(f"time-ideal speedup {out['time_ideal_speedup']:.2f}x: runner overhead (realised / time-ideal) "
+        f"{out['realised_over_time_ideal']:.2f}, CPU penalty of the architecture (time-ideal / predicted) "
+        f"{out['time_ideal_over_predicted']:.2f}, realised / predicted {out['realised_over_predicted']:.2f}")
   print(f"predictions and exits equal the simulated budgeted evaluation: {out['matches_simulation']}")
   print(f"wrote {path}")
 

@@ -1,0 +1,315 @@
+"""Early-exit classification from an export directory: a runtime that needs jax and numpy only.
+
+``msdfuse-export`` writes a directory of per-stage programs (`jax.export`, StableHLO) and a
+``manifest.json``; this module loads it and classifies uint8 images with early exits, without the models,
+flax or the training code:
+
+  runner = serving.Runner.from_dir("/srv/msdfuse_p10")
+  predictions, exits = runner(images)          # uint8 (N, H, W, C); exits are 1-based
+
+How a batch runs (the same for the programs compiled in-process by `msdfuse_jax.inference`): images are
+taken a chunk of `pieces` batches at a time. Stage 1 runs on each batch; every program returns, besides its
+exit's confidence (max softmax, float32) and prediction, the state the next stage continues from, padded
+to the full batch size. The host compares the confidences with the thresholds and lists the survivors;
+stage k then runs on full batches of survivors, each gathered inside stage k's program from the previous
+stage's outputs (passed as they are, so no state is copied between programs except the survivors' rows
+the gather reads), only the chunk's last batch being padded to the smallest bucket that holds it. Each
+(stage, bucket) program has fixed shapes, so nothing compiles after warm-up, whatever the survivors.
+
+Decisions are those of the simulated budgeted evaluation: a sample exits at the first k with
+``confidence >= T_k``; the last exit takes everybody left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "msdfuse-export/1"
+
+
+class ExportError(ValueError):
+  """An export directory that cannot be used (missing or foreign files, wrong inputs)."""
+
+
+@dataclasses.dataclass
+class EarlyExitResult:
+  """Per-sample predictions and exits (1-based) of an early-exit run, with its wall time."""
+
+  predictions: np.ndarray
+  exits: np.ndarray
+  seconds: float
+
+  @property
+  def images_per_second(self) -> float:
+    return len(self.predictions) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def bucket_sizes(batch_size: int, num_buckets: int = 5) -> list[int]:
+  """``[batch_size, batch_size/2, ...]`` (rounded up), `num_buckets` sizes at most, largest first."""
+  sizes = [batch_size]
+  while len(sizes) < num_buckets and sizes[-1] > 1:
+    sizes.append(-(-sizes[-1] // 2))
+  return sizes
+
+
+def stage_file(k: int, bucket: int) -> str:
+  """The file name of stage k's program at one bucket size."""
+  return f"stage{k}_b{bucket}.jaxexport"
+
+
+# A program: stage 1 maps uint8 images (b, H, W, C) to (state, confidence (b,), prediction (b,)); stage
+# k > 1 maps (tuple of `pieces` states, survivor index (b,) into their concatenation) to the same triple.
+# States hold `batch_size` rows; the last stage returns an empty state.
+Program = Callable[..., tuple[Any, Any, Any]]
+
+
+class Runner:
+  """Early-exit classification with a table of per-(stage, bucket) programs.
+
+  Args:
+    programs: (k, bucket size) -> program, for k in 1..num_exits and every bucket.
+    num_exits: K.
+    batch_size: images per batch, the largest bucket.
+    buckets: the batch sizes a partial batch is padded to, largest first (``buckets[0] == batch_size``).
+    pieces: batches per chunk: how many previous outputs a stage-k program gathers from.
+    thresholds: the K confidence thresholds `__call__` uses (the last is -1e8); `run` takes its own.
+    image_shape: (H, W, C) of an image, checked on input when given.
+  """
+
+  def __init__(self, programs: Mapping[tuple[int, int], Program], num_exits: int, batch_size: int,
+               buckets: Sequence[int], pieces: int, thresholds: Sequence[float] | None = None,
+               image_shape: Sequence[int] | None = None):
+    self.programs = dict(programs)
+    self.num_exits = num_exits
+    self.batch_size = batch_size
+    self.buckets = sorted(buckets, reverse=True)
+    if self.buckets[0] != batch_size:
+      raise ValueError(f"the largest bucket must be the batch size {batch_size}, got {self.buckets}")
+    self.pieces = pieces
+    self.chunk = batch_size * pieces
+    self.thresholds = None if thresholds is None else self._check_thresholds(thresholds)
+    self.image_shape = None if image_shape is None else tuple(image_shape)
+    self.manifest: dict | None = None
+    self.calls: dict[tuple[int, int], int] = {}  # (stage, bucket size) -> number of calls so far
+
+  @classmethod
+  def from_dir(cls, path: str) -> "Runner":
+    """Loads an export directory written by ``msdfuse-export`` (its thresholds, buckets and programs)."""
+    manifest = read_manifest(path)
+    exported = {}
+    for k in range(1, manifest["num_exits"] + 1):
+      for b in manifest["buckets"]:
+        exported[(k, b)] = _load_program(path, k, b, manifest)
+    _check_chain(path, exported, manifest)
+    programs = {key: jax.jit(e.call) for key, e in exported.items()}
+    runner = cls(programs, manifest["num_exits"], manifest["batch_size"], manifest["buckets"],
+                 manifest["pieces"], manifest["thresholds"], manifest["image_shape"])
+    runner.manifest = manifest
+    return runner
+
+  def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Classifies uint8 images (N, H, W, C) with the runner's thresholds: (predictions, 1-based exits)."""
+    if self.thresholds is None:
+      raise ValueError("this runner has no thresholds: pass them to run(images, thresholds)")
+    result = self.run(images)
+    return result.predictions, result.exits
+
+  def _check_thresholds(self, thresholds: Sequence[float]) -> np.ndarray:
+    thresholds = np.asarray(thresholds, np.float32)
+    if thresholds.shape != (self.num_exits,):
+      raise ValueError(f"need {self.num_exits} thresholds (one per exit), got shape {thresholds.shape}")
+    return thresholds
+
+  def _check_images(self, images: Any) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+      raise ExportError(f"images must be uint8 (N, H, W, C) pixels, got dtype {images.dtype}")
+    if self.image_shape is not None and (images.ndim != 4 or images.shape[1:] != self.image_shape):
+      raise ExportError(f"images must have shape (N, {', '.join(map(str, self.image_shape))}), "
+                        f"got {images.shape}")
+    if not len(images):
+      raise ExportError("no images to classify")
+    return images
+
+  def _bucket(self, n: int) -> int:
+    return min(b for b in self.buckets if b >= n)
+
+  def warmup(self, example_images: np.ndarray) -> None:
+    """Runs every program once, so that timed runs measure no compilation."""
+    images = np.repeat(self._check_images(example_images)[:1], self.batch_size, axis=0)
+    first = {b: self.programs[(1, b)](images[:b]) for b in self.buckets}
+    state = first[self.batch_size][0]
+    outs = list(first.values())
+    for k in range(2, self.num_exits + 1):
+      outs += [self.programs[(k, b)]((state,) * self.pieces, np.zeros((b,), np.int32))
+               for b in self.buckets]
+      state = outs[-len(self.buckets)][0]
+    jax.block_until_ready(outs)
+
+  def run(self, images: np.ndarray, thresholds: Sequence[float] | None = None) -> EarlyExitResult:
+    """Classifies `images` with early exits at `thresholds` (K values, the last one -1e8; by default the
+    runner's)."""
+    if thresholds is None:
+      if self.thresholds is None:
+        raise ValueError("no thresholds given and the runner has none")
+      thresholds = self.thresholds
+    thresholds = self._check_thresholds(thresholds)
+    images = self._check_images(images)
+    n = len(images)
+    predictions = np.zeros((n,), np.int64)
+    exits = np.zeros((n,), np.int64)
+    start = time.perf_counter()
+    for lo in range(0, n, self.chunk):
+      self._run_chunk(images[lo:lo + self.chunk], lo, thresholds, predictions, exits)
+    return EarlyExitResult(predictions, exits, time.perf_counter() - start)
+
+  def _call(self, k: int, bucket: int, *args: Any) -> Any:
+    self.calls[(k, bucket)] = self.calls.get((k, bucket), 0) + 1
+    return self.programs[(k, bucket)](*args)
+
+  def _run_chunk(self, images, offset, thresholds, predictions, exits) -> None:
+    b, num_exits = self.batch_size, self.num_exits
+    # Stage 1 on every batch of the chunk (dispatched together), then the decisions.
+    outs, groups = [], []  # per batch of the current stage: its outputs and the images it holds
+    for lo in range(0, len(images), b):
+      batch = images[lo:lo + b]
+      bucket = self._bucket(len(batch))
+      if len(batch) < bucket:  # pad the last batch; the padding is dropped at the first decision
+        batch = np.concatenate([batch, np.repeat(batch[:1], bucket - len(batch), axis=0)])
+      outs.append(self._call(1, bucket, batch))
+      groups.append(np.arange(lo, lo + min(b, len(images) - lo)))
+    alive = alive_ids = np.zeros((0,), np.int64)  # survivors: rows of the concatenated states, image ids
+    for k in range(1, num_exits + 1):
+      if k > 1:
+        # The previous stage's states, as they are (the missing ones repeat the first: never read).
+        states = tuple(out[0] for out in outs)
+        states += (states[0],) * (self.pieces - len(states))
+        outs, new_groups = [], []
+        for lo in range(0, len(alive), b):
+          index = alive[lo:lo + b]
+          bucket = self._bucket(len(index))
+          index = np.concatenate([index, np.repeat(index[:1], bucket - len(index))]).astype(np.int32)
+          outs.append(self._call(k, bucket, states, index))
+          new_groups.append(alive_ids[lo:lo + b])
+        groups = new_groups
+      alive, alive_ids = [], []
+      for i, (out, ids) in enumerate(zip(outs, groups)):
+        conf, pred = np.asarray(out[1])[:len(ids)], np.asarray(out[2])[:len(ids)]
+        done = conf >= thresholds[k - 1] if k < num_exits else np.ones(len(ids), bool)
+        predictions[offset + ids[done]] = pred[done]
+        exits[offset + ids[done]] = k
+        alive.append(i * b + np.flatnonzero(~done))  # rows of the concatenated states
+        alive_ids.append(ids[~done])
+      alive, alive_ids = np.concatenate(alive), np.concatenate(alive_ids)
+      if not len(alive):
+        return
+
+  def stage_seconds(self, example_images: np.ndarray, repeats: int = 3) -> dict[int, dict[int, float]]:
+    """Each program's time alone: stage -> bucket -> best seconds per call (after a warm-up call), on
+    states computed from `example_images` (every sample passed on, none exiting)."""
+    images = self._check_images(example_images)
+    images = np.resize(images, (self.batch_size,) + images.shape[1:])
+    times: dict[int, dict[int, float]] = {}
+    states = None
+    for k in range(1, self.num_exits + 1):
+      times[k] = {}
+      for bucket in self.buckets:
+        args = ((images[:bucket],) if k == 1 else
+                ((states,) * self.pieces, np.arange(bucket, dtype=np.int32)))
+        fn = self.programs[(k, bucket)]
+        jax.block_until_ready(fn(*args))
+        best = float("inf")
+        for _ in range(repeats):
+          start = time.perf_counter()
+          jax.block_until_ready(fn(*args))
+          best = min(best, time.perf_counter() - start)
+        times[k][bucket] = best
+      states = self.programs[(k, self.batch_size)](*((images,) if k == 1 else
+                                                     ((states,) * self.pieces,
+                                                      np.arange(self.batch_size, dtype=np.int32))))[0]
+    return times
+
+
+def read_manifest(path: str) -> dict:
+  """The manifest of export directory `path`, checked for the fields the runtime needs."""
+  file = os.path.join(path, MANIFEST)
+  if not os.path.isdir(path):
+    raise ExportError(f"export directory {path} does not exist: write one with msdfuse-export")
+  if not os.path.isfile(file):
+    raise ExportError(f"{file} is missing: {path} is not an export directory (write one with "
+                      "msdfuse-export)")
+  try:
+    with open(file) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ExportError(f"{file} is not a readable manifest ({e}); export again") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    raise ExportError(f"{file} is not an msdfuse export manifest (format "
+                      f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, expected "
+                      f"{FORMAT!r}); export again")
+  required = ("num_exits", "batch_size", "buckets", "pieces", "thresholds", "image_shape", "model")
+  missing = [key for key in required if key not in manifest]
+  if missing:
+    raise ExportError(f"{file} lacks {missing}; export again")
+  return manifest
+
+
+def _load_program(path: str, k: int, bucket: int, manifest: dict) -> Program:
+  """Deserializes stage k's program at `bucket` and checks its input against the manifest."""
+  file = os.path.join(path, stage_file(k, bucket))
+  try:
+    with open(file, "rb") as f:
+      data = f.read()
+  except OSError:
+    raise ExportError(f"{file} is missing: the export of {manifest['model']} needs one program per stage "
+                      f"and bucket ({manifest['num_exits']} stages x buckets {manifest['buckets']}); "
+                      "export again") from None
+  digest = manifest.get("sha256", {}).get(stage_file(k, bucket))
+  if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+    raise ExportError(f"{file} does not belong to this export of {manifest['model']} (its checksum differs "
+                      f"from {MANIFEST}'s); copy the whole directory again or export again")
+  try:
+    exported = jax.export.deserialize(bytearray(data))
+  except Exception as e:  # a truncated or foreign file: flatbuffers raises anything
+    raise ExportError(f"{file} is not a serialized jax.export program ({type(e).__name__}); "
+                      "export again") from None
+  platform = jax.default_backend()
+  if platform not in exported.platforms and not (platform == "gpu"
+                                                 and {"cuda", "rocm"} & set(exported.platforms)):
+    raise ExportError(f"{file} was exported for {list(exported.platforms)}, not for this {platform} "
+                      "machine: export with --platforms including it")
+  if k == 1:
+    expected = (bucket, *manifest["image_shape"])
+    aval = exported.in_avals[0]
+    if len(exported.in_avals) != 1 or tuple(aval.shape) != expected or str(aval.dtype) != "uint8":
+      raise ExportError(f"{file} takes {[f'{a.dtype}{list(a.shape)}' for a in exported.in_avals]}, but the "
+                        f"manifest says stage 1 at bucket {bucket} takes uint8{list(expected)}: the file "
+                        "belongs to another export")
+  elif tuple(exported.in_avals[-1].shape) != (bucket,):
+    raise ExportError(f"{file} takes a survivor index of shape {tuple(exported.in_avals[-1].shape)}, not "
+                      f"({bucket},): the file belongs to another export")
+  return exported
+
+
+def _check_chain(path: str, exported: dict, manifest: dict) -> None:
+  """Each stage's programs take the states that the previous stage's programs return."""
+  batch, pieces = manifest["batch_size"], manifest["pieces"]
+  for (k, b), program in sorted(exported.items()):
+    if k == 1:
+      continue
+    previous = exported[(k - 1, batch)]
+    state = previous.out_avals[:len(previous.out_avals) - 2]  # (state leaves..., confidence, prediction)
+    expected = [f"{a.dtype}{list(a.shape)}" for a in state] * pieces
+    got = [f"{a.dtype}{list(a.shape)}" for a in program.in_avals[:-1]]
+    if got != expected:
+      raise ExportError(f"{os.path.join(path, stage_file(k, b))} takes states {got[:3]}..., but stage {k - 1} "
+                        f"returns {expected[:3]}...: the file belongs to another export")

@@ -1,0 +1,75 @@
+"""msdfuse-export: a run's early-exit programs for one budget, serialized for deployment.
+
+  msdfuse-export --workdir=DIR --p=P --out=EXPORT            # P in 1..39, the budgeted curve's points
+  msdfuse-export --workdir=DIR --budget=COST --out=EXPORT    # the largest validation budget <= COST
+  msdfuse-export ... --batch_size=256 --platforms=cpu,cuda,tpu
+
+Writes one `jax.export` program (StableHLO) per stage and bucket size, with BatchNorm folded into the
+convolutions and the weights inside, and ``manifest.json`` (model, dataset, exits, buckets, per-exit cost,
+the thresholds fitted on the validation split, commit and config). Load it with
+``msdfuse_jax.serving.Runner.from_dir(EXPORT)`` (jax and numpy only) or time it with
+``msdfuse-infer --workdir=DIR --export=EXPORT``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from msdfuse_jax import checkpoints, exporting, serving
+from msdfuse_jax.data import sources
+from msdfuse_jax.evaluation import budget
+from msdfuse_jax.tools import flags_util
+
+flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
+flags.DEFINE_integer("p", None, f"Budget point p in 1..{budget.NUM_BUDGET_POINTS} (q = p/20), as in the "
+                     "budgeted curve.")
+flags.DEFINE_float("budget", None, "Average cost per image (literature op_counter units), instead of --p.")
+flags.DEFINE_integer("batch_size", 256, "Images per batch (the largest bucket).")
+flags.DEFINE_integer("num_buckets", 5, "Bucket sizes: batch_size, /2, /4, ... (this many).")
+flags.DEFINE_string("out", None, "The export directory to write.")
+flags.DEFINE_list("platforms", None, f"Platforms to lower for, among {list(exporting.PLATFORMS)} "
+                  "(default: this machine's).")
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+  del argv
+  if not FLAGS.workdir:
+    flags_util.fail("--workdir is required: the directory of a training run")
+  if not FLAGS.out:
+    flags_util.fail("--out is required: the export directory to write")
+  if (FLAGS.p is None) == (FLAGS.budget is None):
+    flags_util.fail(f"give exactly one of --p (1..{budget.NUM_BUDGET_POINTS}) or --budget (average cost per "
+                    "image)")
+  if FLAGS.p is not None and not 1 <= FLAGS.p <= budget.NUM_BUDGET_POINTS:
+    flags_util.fail(f"--p must lie in 1..{budget.NUM_BUDGET_POINTS}, got {FLAGS.p}")
+  if FLAGS.batch_size < 1 or FLAGS.num_buckets < 1:
+    flags_util.fail("--batch_size and --num_buckets must be positive")
+  if os.path.isfile(os.path.join(FLAGS.out, serving.MANIFEST)) or (
+      os.path.isdir(FLAGS.out) and os.listdir(FLAGS.out)):
+    flags_util.fail(f"--out={FLAGS.out} exists and is not empty: give a new directory")
+  flags_util.enable_compilation_cache()
+  flags_util.quiet_library_logs()
+  try:
+    manifest = exporting.export_run(FLAGS.workdir, FLAGS.out, FLAGS.p, FLAGS.budget, FLAGS.batch_size,
+                                    FLAGS.num_buckets, platforms=FLAGS.platforms)
+  except (FileNotFoundError, ValueError, checkpoints.CheckpointError, sources.DataError) as e:
+    flags_util.fail(str(e))
+  size = sum(os.path.getsize(os.path.join(FLAGS.out, f)) for f in manifest["sha256"])
+  print(f"{manifest['model']} ({manifest['dataset']}), p={manifest['p']}: {manifest['num_exits']} stages x "
+        f"buckets {manifest['buckets']} = {len(manifest['sha256'])} programs for {manifest['platforms']} "
+        f"({size / 1e6:.1f} MB), {manifest['batch_norm']['folded_into_convolutions']} BatchNorms folded "
+        f"(largest logit change {manifest['batch_norm']['max_logit_change']:.2g})")
+  print(f"thresholds {', '.join(f'{t:.4f}' for t in manifest['thresholds'][:-1])}; expected validation cost "
+        f"{manifest['expected_val_cost']:,.0f} of {manifest['exit_costs'][-1]:,}")
+  print(f"wrote {FLAGS.out}")
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,248 @@
+"""Exported early exit: BatchNorm folding, the model-free runtime, bad export directories."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msdfuse_jax import exporting, folding, inference, models, serving
+from msdfuse_jax.evaluation import budget, evaluate
+from tests import test_evaluate as evaluate_tests
+from tests import test_inference as inference_tests
+
+FAMILIES = [("msdnet_tiny", 32), ("msdfuse_tiny", 32), ("ranet_tiny", 32), ("resnet_mc_tiny", 32),
+            ("densenet_mc_tiny", 32), ("msdnet_imagenet_tiny", 32), ("msdfuse_imagenet_tiny", 32)]
+
+
+def _trained_like(model, size, seed=0):
+  """Variables with BatchNorm statistics and scales far from their initial values (so folding matters)."""
+  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)))
+  rng = np.random.default_rng(seed)
+  perturb = lambda a, lo, hi: a + rng.uniform(lo, hi, a.shape).astype(a.dtype)
+  return {"params": jax.tree.map(lambda a: perturb(a, -0.2, 0.2), variables["params"]),
+          "batch_stats": jax.tree.map(lambda a: perturb(a, 0.0, 0.8), variables["batch_stats"])}
+
+
+@pytest.mark.parametrize("name,size", FAMILIES)
+def test_folded_logits_equal_the_model_and_hold_no_batch_norm(name, size):
+  model = models.build_model(name, 10)
+  variables = _trained_like(model, size)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 3))
+  folded = folding.FoldedModel(model, variables, images)
+  plain = model.apply(variables, images)
+  fold = jax.jit(folded.apply)(images)
+  assert len(fold) == model.num_exits
+  for a, b in zip(plain, fold):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-4)
+  # Every conv -> BN pair is folded; the program has no normalisation left (no rsqrt, no statistics).
+  assert folded.plan.folded > 0
+  assert "batch_stats" not in folded.variables
+  assert "rsqrt" not in jax.jit(folded.apply).lower(images).as_text()
+  assert "rsqrt" in jax.jit(lambda x: model.apply(variables, x)).lower(images).as_text()
+  if name.startswith("densenet"):
+    # Pre-activation BatchNorms after a concatenation stay as scale and shift; the stem, whose output
+    # the dense layers also concatenate, is not folded into the first layer's BatchNorm.
+    assert folded.plan.folded < len(folded.plan.pairs)
+    assert folded.plan.pairs[("block1_layer1", "bn1")] is None
+  else:
+    assert folded.plan.folded == len(folded.plan.pairs)
+
+
+def test_folding_refuses_training_mode():
+  model = models.build_model("msdnet_tiny", 10)
+  variables = _trained_like(model, 32)
+  folded = folding.FoldedModel(model, variables, jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(ValueError, match="inference mode only"):
+    folded.apply(jnp.zeros((1, 32, 32, 3)), train=True)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """msdnet_tiny (random init) exported with batch 16 and 2 buckets, and what the simulation needs."""
+  model = models.build_model("msdnet_tiny", 10)
+  runner, test, val_probs, test_probs = inference_tests.early_exit_setup(model, num_buckets=2)
+  out = str(tmp_path_factory.mktemp("export"))
+  thresholds = budget.fit_thresholds(val_probs, 8)
+  manifest = exporting.export_model(
+      model, runner.variables, inference_tests.MEAN, inference_tests.STD, (32, 32, 3), out, thresholds,
+      batch_size=16, num_buckets=2, chunk_batches=2, metadata={"model": "msdnet_tiny", "dataset": "cifar10"})
+  return out, manifest, runner, test, val_probs, test_probs
+
+
+def test_runtime_equals_the_in_process_runner_and_the_simulation(exported):
+  out, manifest, in_process, test, val_probs, test_probs = exported
+  runner = serving.Runner.from_dir(out)
+  assert runner.buckets == [16, 8] and runner.pieces == 2 and runner.num_exits == 3
+  assert manifest["batch_norm"]["max_logit_change"] < 1e-4
+  # With the manifest's thresholds (p = 8), then with others: exits and predictions equal both.
+  predictions, exits = runner(test)
+  sim_exits, sim_preds = budget.apply_thresholds(test_probs, np.asarray(manifest["thresholds"]))
+  np.testing.assert_array_equal(exits, sim_exits + 1)
+  np.testing.assert_array_equal(predictions, sim_preds)
+  for p in (2, 20, 35):
+    thresholds = budget.fit_thresholds(val_probs, p)
+    sim_exits, sim_preds = budget.apply_thresholds(test_probs, thresholds)
+    result, reference = runner.run(test, thresholds), in_process.run(test, thresholds)
+    np.testing.assert_array_equal(result.exits, sim_exits + 1)
+    np.testing.assert_array_equal(result.predictions, sim_preds)
+    np.testing.assert_array_equal(result.exits, reference.exits)
+    np.testing.assert_array_equal(result.predictions, reference.predictions)
+  # Per-stage times: one per stage and bucket.
+  times = runner.stage_seconds(test, repeats=1)
+  assert sorted(times) == [1, 2, 3] and all(sorted(t) == [8, 16] and min(t.values()) > 0
+                                            for t in times.values())
+
+
+def test_the_runtime_imports_neither_the_models_nor_flax(exported):
+  out = exported[0]
+  code = ("import sys, numpy as np; from msdfuse_jax import serving; r = serving.Runner.from_dir(sys.argv[1]); "
+          "p, e = r(np.zeros((5, 32, 32, 3), np.uint8)); assert e.shape == (5,); "
+          "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flax', 'optax', 'tensorflow', 'orbax') "
+          "or m.startswith('msdfuse_jax.') and m != 'msdfuse_jax.serving'); print(bad)")
+  done = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _copy(exported, tmp_path):
+  path = tmp_path / "export"
+  shutil.copytree(exported[0], path)
+  return path
+
+
+def _edit_manifest(path, **changes):
+  manifest = json.loads((path / serving.MANIFEST).read_text())
+  manifest.update(changes)
+  (path / serving.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_bad_export_directories_name_the_file(exported, tmp_path):
+  with pytest.raises(serving.ExportError, match="does not exist"):
+    serving.Runner.from_dir(str(tmp_path / "nowhere"))
+  with pytest.raises(serving.ExportError, match="manifest.json is missing"):
+    serving.Runner.from_dir(str(tmp_path))
+  path = _copy(exported, tmp_path)
+  (path / "stage2_b8.jaxexport").unlink()
+  with pytest.raises(serving.ExportError, match=r"stage2_b8.jaxexport is missing"):
+    serving.Runner.from_dir(str(path))
+  # A program of another export (here: another stage's file under this name).
+  shutil.copy(path / "stage3_b8.jaxexport", path / "stage2_b8.jaxexport")
+  with pytest.raises(serving.ExportError, match=r"stage2_b8.jaxexport does not belong to this export"):
+    serving.Runner.from_dir(str(path))
+  # Without a checksum to compare, the programs' input shapes still tell.
+  _edit_manifest(path, sha256={})
+  with pytest.raises(serving.ExportError, match=r"stage2_b8.jaxexport takes states .* but stage 1 returns"):
+    serving.Runner.from_dir(str(path))
+  (path / "stage2_b8.jaxexport").write_bytes(b"not a program")
+  with pytest.raises(serving.ExportError, match=r"stage2_b8.jaxexport is not a serialized jax.export"):
+    serving.Runner.from_dir(str(path))
+  _edit_manifest(path, image_shape=[28, 28, 1])
+  with pytest.raises(serving.ExportError, match=r"stage1_b16.jaxexport takes .*uint8\[16, 28, 28, 1\]"):
+    serving.Runner.from_dir(str(path))
+  _edit_manifest(path, format="something else")
+  with pytest.raises(serving.ExportError, match="not an msdfuse export manifest"):
+    serving.Runner.from_dir(str(path))
+  (path / serving.MANIFEST).write_text("{")
+  with pytest.raises(serving.ExportError, match="not a readable manifest"):
+    serving.Runner.from_dir(str(path))
+
+
+def test_wrong_images_are_one_line_errors(exported):
+  runner = serving.Runner.from_dir(exported[0])
+  with pytest.raises(serving.ExportError, match=r"must have shape \(N, 32, 32, 3\), got \(2, 28, 28, 3\)"):
+    runner(np.zeros((2, 28, 28, 3), np.uint8))
+  with pytest.raises(serving.ExportError, match="must be uint8.*float32"):
+    runner(np.zeros((2, 32, 32, 3), np.float32))
+  with pytest.raises(ValueError, match="need 3 thresholds"):
+    runner.run(np.zeros((2, 32, 32, 3), np.uint8), [0.5, -1e8])
+
+
+def test_export_for_other_platforms_from_this_machine(tmp_path):
+  model = models.build_model("resnet_mc_tiny", 10)
+  variables = _trained_like(model, 32)
+  out = tmp_path / "tpu_only"
+  exporting.export_model(model, variables, [0.5] * 3, [0.25] * 3, (32, 32, 3), str(out),
+                         [0.5] * (model.num_exits - 1) + [-1e8], batch_size=4, num_buckets=1,
+                         platforms=["cuda", "tpu"])
+  data = (out / "stage1_b4.jaxexport").read_bytes()
+  assert jax.export.deserialize(bytearray(data)).platforms == ("cuda", "tpu")
+  with pytest.raises(serving.ExportError, match=r"exported for \['cuda', 'tpu'\], not for this cpu"):
+    serving.Runner.from_dir(str(out))
+  with pytest.raises(ValueError, match="unknown platform"):
+    exporting.check_platforms(["cpu", "metal"])
+
+
+def test_a_manifest_of_another_model_is_refused():
+  config = evaluate_tests.cifar.get_config("dataset=cifar10,model=msdnet_tiny,runlocal")
+  with pytest.raises(ValueError, match="export of model 'msdfuse_tiny', but the run is model 'msdnet_tiny'"):
+    inference.check_export_matches({"model": "msdfuse_tiny", "dataset": "cifar10"}, config, "/x")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  return evaluate_tests.tiny_run_dir(tmp_path_factory)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.mark.slow
+def test_export_and_infer_on_a_trained_run(run_dir, tmp_path):
+  """msdfuse-export on the trained tiny run, then the runtime at several budgets against the simulation
+  and the in-process runner, then msdfuse-infer --export."""
+  out = tmp_path / "p8"
+  done = _cli("msdfuse_jax.tools.export_main", f"--workdir={run_dir}", "--p=8", f"--out={out}",
+              "--batch_size=64", "--num_buckets=3", "--platforms=cpu,cuda")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "wrote" in done.stdout
+  manifest = json.loads((out / serving.MANIFEST).read_text())
+  assert manifest["model"] == "msdnet_tiny" and manifest["p"] == 8 and manifest["platforms"] == ["cpu", "cuda"]
+  assert len(manifest["sha256"]) == 3 * 3 and manifest["source"]["step"] == 6
+  assert manifest["source"]["config"]["model"]["name"] == "msdnet_tiny"
+
+  config, model, variables, _, data = evaluate.load_run(str(run_dir), dtype="float32")
+  fit = inference.fit_budget(config, model, variables, data, 8, None, 64)
+  assert manifest["thresholds"] == [float(t) for t in fit["thresholds"]]
+  assert manifest["exit_costs"] == [int(c) for c in fit["exit_costs"]]
+  runner = serving.Runner.from_dir(str(out))
+  mean, std = np.asarray(data.mean), np.asarray(data.std)
+  in_process = inference.EarlyExitRunner(model, variables, lambda x: (x.astype(jnp.float32) / 255 - mean) / std,
+                                         batch_size=64, num_buckets=3)
+  test = np.asarray(data.test_images)
+  for p in (8, 3, 15, 30):
+    thresholds = budget.fit_thresholds(fit["val_probs"], p)
+    sim_exits, sim_preds = budget.apply_thresholds(fit["test_probs"], thresholds)
+    result = runner.run(test, thresholds)
+    np.testing.assert_array_equal(result.exits, sim_exits + 1)
+    np.testing.assert_array_equal(result.predictions, sim_preds)
+    reference = in_process.run(test, thresholds)
+    np.testing.assert_array_equal(result.exits, reference.exits)
+    np.testing.assert_array_equal(result.predictions, reference.predictions)
+
+  done = _cli("msdfuse_jax.tools.infer_main", f"--workdir={run_dir}", f"--export={out}", "--repeats=1")
+  assert done.returncode == 0, done.stderr[-3000:]
+  infer = json.loads((run_dir / "eval" / "infer.json").read_text())
+  assert infer["runner"] == "export" and infer["matches_simulation"] is True and infer["p"] == 8
+  assert infer["batch_size"] == 64 and infer["buckets"] == [64, 32, 16]
+  for key in ("realised_over_time_ideal", "time_ideal_over_predicted", "realised_over_predicted"):
+    assert 0 < infer[key] < float("inf")
+  assert (f"runner overhead (realised / time-ideal) {infer['realised_over_time_ideal']:.2f}" in done.stdout
+          and f"(time-ideal / predicted) {infer['time_ideal_over_predicted']:.2f}" in done.stdout)
+  assert infer["realised_over_predicted"] == pytest.approx(
+      infer["realised_over_time_ideal"] * infer["time_ideal_over_predicted"], rel=1e-9)
+  assert infer["reaching_stage"][0] == infer["num_images"] and len(infer["stage_ms_per_image"]) == 3
+
+  # Errors: an export with --p, a non-empty --out.
+  done = _cli("msdfuse_jax.tools.infer_main", f"--workdir={run_dir}", f"--export={out}", "--p=3")
+  assert done.returncode == 2 and "leave out --p" in done.stderr
+  done = _cli("msdfuse_jax.tools.export_main", f"--workdir={run_dir}", "--p=8", f"--out={out}")
+  assert done.returncode == 2 and "exists and is not empty" in done.stderr
