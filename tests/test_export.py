@@ -246,3 +246,13 @@ def test_export_and_infer_on_a_trained_run(run_dir, tmp_path):
   assert done.returncode == 2 and "leave out --p" in done.stderr
   done = _cli("msdfuse_jax.tools.export_main", f"--workdir={run_dir}", "--p=8", f"--out={out}")
   assert done.returncode == 2 and "exists and is not empty" in done.stderr
+
+
+def test_tools_print_one_line_for_a_bad_export_directory(tmp_path):
+  done = _cli("msdfuse_jax.tools.infer_main", f"--workdir={tmp_path}", f"--export={tmp_path / 'nowhere'}")
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines()[-1] == (f"error: export directory {tmp_path / 'nowhere'} does not "
+                                                  "exist: write one with msdfuse-export")
+  assert "Traceback" not in done.stderr
+  done = _cli("msdfuse_jax.tools.export_main", f"--workdir={tmp_path}", "--p=3")
+  assert done.returncode == 2 and "--out is required" in done.stderr

@@ -46,7 +46,7 @@ def test_the_blocker_blocks(no_tf_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_eval_and_bench_run_without_tensorflow(no_tf_env, tmp_path):
+def test_train_eval_export_infer_and_bench_run_without_tensorflow(no_tf_env, tmp_path):
   config = f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=msdnet_tiny,runlocal"
   workdir = tmp_path / "run"
   proc = run_tool("train_main", config, "--config.data.source=archive",
@@ -66,6 +66,15 @@ def test_train_eval_and_bench_run_without_tensorflow(no_tf_env, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "checkpoint step 6" in proc.stdout
   assert (workdir / "eval" / "budgeted.json").exists()
+
+  export = tmp_path / "export"
+  proc = run_tool("export_main", f"--workdir={workdir}", "--p=5", f"--out={export}", "--batch_size=32",
+                  "--num_buckets=2", env=no_tf_env, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_tool("infer_main", f"--workdir={workdir}", f"--export={export}", "--repeats=1", env=no_tf_env,
+                  cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "equal the simulated budgeted evaluation: True" in proc.stdout
 
   out = tmp_path / "bench.json"
   proc = run_tool("bench_main", config, "--batch_size=8", "--eval_batch_size=8", "--steps=1", "--eval_steps=1",
