@@ -19,14 +19,9 @@ from absl import app, flags
 
 from msdfuse_jax import checkpoints, exporting, serving
 from msdfuse_jax.data import sources
-from msdfuse_jax.evaluation import budget
 from msdfuse_jax.tools import flags_util
 
-flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
-flags.DEFINE_integer("p", None, f"Budget point p in 1..{budget.NUM_BUDGET_POINTS} (q = p/20), as in the "
-                     "budgeted curve.")
-flags.DEFINE_float("budget", None, "Average cost per image (literature op_counter units), instead of --p.")
-flags.DEFINE_integer("batch_size", 256, "Images per batch (the largest bucket).")
+flags_util.define_budget_flags()
 flags.DEFINE_integer("num_buckets", 5, "Bucket sizes: batch_size, /2, /4, ... (this many).")
 flags.DEFINE_string("out", None, "The export directory to write.")
 flags.DEFINE_list("platforms", None, f"Platforms to lower for, among {list(exporting.PLATFORMS)} "
@@ -36,17 +31,11 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
   del argv
-  if not FLAGS.workdir:
-    flags_util.fail("--workdir is required: the directory of a training run")
+  flags_util.check_budget_flags()
   if not FLAGS.out:
     flags_util.fail("--out is required: the export directory to write")
-  if (FLAGS.p is None) == (FLAGS.budget is None):
-    flags_util.fail(f"give exactly one of --p (1..{budget.NUM_BUDGET_POINTS}) or --budget (average cost per "
-                    "image)")
-  if FLAGS.p is not None and not 1 <= FLAGS.p <= budget.NUM_BUDGET_POINTS:
-    flags_util.fail(f"--p must lie in 1..{budget.NUM_BUDGET_POINTS}, got {FLAGS.p}")
-  if FLAGS.batch_size < 1 or FLAGS.num_buckets < 1:
-    flags_util.fail("--batch_size and --num_buckets must be positive")
+  if FLAGS.num_buckets < 1:
+    flags_util.fail(f"--num_buckets must be positive, got {FLAGS.num_buckets}")
   if os.path.isfile(os.path.join(FLAGS.out, serving.MANIFEST)) or (
       os.path.isdir(FLAGS.out) and os.listdir(FLAGS.out)):
     flags_util.fail(f"--out={FLAGS.out} exists and is not empty: give a new directory")

@@ -163,6 +163,32 @@ def quiet_library_logs() -> None:
     handler.addFilter(_LibraryInfoFilter())
 
 
+def define_budget_flags() -> None:
+  """--workdir, --p, --budget and --batch_size: the flags of the tools that classify a run's test set under
+  one budget (msdfuse-infer, msdfuse-export)."""
+  from msdfuse_jax.evaluation import budget  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
+  flags.DEFINE_integer("p", None, f"Budget point p in 1..{budget.NUM_BUDGET_POINTS} (q = p/20), as in the "
+                       "budgeted curve.")
+  flags.DEFINE_float("budget", None, "Average cost per image (literature op_counter units), instead of --p.")
+  flags.DEFINE_integer("batch_size", 256, "Images per batch (the largest bucket).")
+
+
+def check_budget_flags(budget_required: bool = True) -> None:
+  """One-line errors for the flags of `define_budget_flags`: --workdir is required, and exactly one of --p
+  (in range) and --budget when `budget_required`, neither otherwise."""
+  from msdfuse_jax.evaluation import budget  # pylint: disable=import-outside-toplevel
+  values = flags.FLAGS
+  if not values.workdir:
+    fail("--workdir is required: the directory of a training run")
+  if budget_required and (values.p is None) == (values.budget is None):
+    fail(f"give exactly one of --p (1..{budget.NUM_BUDGET_POINTS}) or --budget (average cost per image)")
+  if values.p is not None and not 1 <= values.p <= budget.NUM_BUDGET_POINTS:
+    fail(f"--p must lie in 1..{budget.NUM_BUDGET_POINTS}, got {values.p}")
+  if values.batch_size < 1:
+    fail(f"--batch_size must be positive, got {values.batch_size}")
+
+
 def fail(message: str) -> None:
   """Exits with a one-line error instead of a traceback."""
   print(f"error: {message}", file=sys.stderr)

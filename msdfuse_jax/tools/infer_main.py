@@ -23,14 +23,9 @@ from absl import app, flags
 
 from msdfuse_jax import checkpoints, inference, rundir
 from msdfuse_jax.data import sources
-from msdfuse_jax.evaluation import budget
 from msdfuse_jax.tools import flags_util
 
-flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
-flags.DEFINE_integer("p", None, f"Budget point p in 1..{budget.NUM_BUDGET_POINTS} (q = p/20), as in the "
-                     "budgeted curve.")
-flags.DEFINE_float("budget", None, "Average cost per image (literature op_counter units), instead of --p.")
-flags.DEFINE_integer("batch_size", 256, "Images per batch (the largest bucket).")
+flags_util.define_budget_flags()
 flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
 flags.DEFINE_string("export", None, "Run the programs of this export directory (msdfuse-export) with the "
                     "model-free runtime msdfuse_jax.serving; its budget and batch size are the export's.")
@@ -39,16 +34,9 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
   del argv
-  if not FLAGS.workdir:
-    flags_util.fail("--workdir is required: the directory of a training run")
-  if FLAGS.export is not None:
-    if FLAGS.p is not None or FLAGS.budget is not None:
-      flags_util.fail("--export runs the export's own budget: leave out --p and --budget")
-  elif (FLAGS.p is None) == (FLAGS.budget is None):
-    flags_util.fail(f"give exactly one of --p (1..{budget.NUM_BUDGET_POINTS}) or --budget (average cost per "
-                    "image)")
-  if FLAGS.p is not None and not 1 <= FLAGS.p <= budget.NUM_BUDGET_POINTS:
-    flags_util.fail(f"--p must lie in 1..{budget.NUM_BUDGET_POINTS}, got {FLAGS.p}")
+  if FLAGS.export is not None and (FLAGS.p is not None or FLAGS.budget is not None):
+    flags_util.fail("--export runs the export's own budget: leave out --p and --budget")
+  flags_util.check_budget_flags(budget_required=FLAGS.export is None)
   flags_util.enable_compilation_cache()
   flags_util.quiet_library_logs()
   try:
