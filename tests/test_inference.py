@@ -17,7 +17,7 @@ MEAN, STD = np.array([0.5, 0.5, 0.5], np.float32), np.array([0.25, 0.25, 0.25], 
 def early_exit_setup(model, *, seed=0, num_val=60, num_test=70, predict_batch=32, num_buckets=3):
   """(runner, test images, val probs, test probs) for `model` at random init on random images: the
   in-process runner and the simulated evaluation's inputs (also used by test_techniques.py)."""
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  variables = models.init_variables(model, jax.random.PRNGKey(0))
   rng = np.random.default_rng(seed)
   val = rng.integers(0, 256, (num_val, 32, 32, 3), dtype=np.uint8)
   test = rng.integers(0, 256, (num_test, 32, 32, 3), dtype=np.uint8)

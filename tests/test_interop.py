@@ -72,7 +72,7 @@ def _torch_style(model, variables):
                                             ("msdnet_imagenet_tiny", {"step": 3, "base": 3})])
 def test_name_mapping_covers_other_msdnet_configs(name, overrides):
   model = models.build_model(name, 10, **overrides)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))
+  variables = models.init_variables(model, jax.random.PRNGKey(3))
   state_dict = _torch_style(model, variables)
   back = torch_msdnet.convert_state_dict(model, state_dict)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):

@@ -44,7 +44,7 @@ def test_anytime7_layout_matches_spec():
 def test_shapes_and_truncation():
   model = models.build_model("msdfuse_tiny", 10)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  variables = models.init_variables(model, jax.random.PRNGKey(0))
   full = jax.jit(model.apply)(variables, x)
   assert isinstance(full, tuple) and len(full) == model.num_exits == 3
   assert all(o.shape == (2, 10) and o.dtype == jnp.float32 for o in full)
@@ -62,8 +62,8 @@ def test_shapes_and_truncation():
 def test_train_mode_updates_batch_stats():
   model = models.build_model("msdnet_tiny", 10)
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
-  variables = model.init(jax.random.PRNGKey(0), x)
-  outs, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  variables = models.init_variables(model, jax.random.PRNGKey(0))
+  outs, updates = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
   assert len(outs) == 3
   before = jax.tree.leaves(variables["batch_stats"])
   after = jax.tree.leaves(updates["batch_stats"])
@@ -74,8 +74,7 @@ def test_spatial_sizes_of_each_stem():
   for stem, sizes in (("msdnet", [32, 16, 8]), ("efficient", [16, 8, 4])):
     model = models.build_model("msdnet_tiny", 10, stem=stem)
     x = jnp.zeros((1, 32, 32, 3))
-    variables = model.init(jax.random.PRNGKey(0), x)
-    feats, _ = model.apply(variables, x, 1, method=model.stage)
+    feats, _ = jax.eval_shape(lambda v: model.apply(v, x, 1, method=model.stage), _init(model))
     assert [f.shape[1] for f in feats] == sizes
 
 
@@ -157,7 +156,7 @@ def test_activation_switch():
   x = jnp.zeros((1, 32, 32, 3))
   for act, present, absent in (("gelu", "erfc", "max"), ("relu", "max", "erfc")):
     model = models.build_model("msdnet_tiny", 10, activation=act)
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = _init(model)
     text = str(jax.make_jaxpr(lambda v: model.apply(v, x))(variables))
     assert present in text and absent not in text
 
@@ -165,9 +164,9 @@ def test_activation_switch():
 def test_bfloat16_compute_keeps_float32_params():
   model = models.build_model("msdnet_tiny", 10, dtype=jnp.bfloat16)
   x = jnp.zeros((2, 32, 32, 3))
-  variables = model.init(jax.random.PRNGKey(0), x)
+  variables = _init(model)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
-  outs = model.apply(variables, x)
+  outs = jax.eval_shape(lambda v: model.apply(v, x), variables)
   assert all(o.dtype == jnp.float32 for o in outs)
   assert "bf16" in str(jax.make_jaxpr(lambda v: model.apply(v, x))(variables))
 
@@ -199,9 +198,8 @@ def test_bad_input_raises_value_error_naming_choices():
   with pytest.raises(ValueError, match="num_classes"):
     models.build_model("msdnet_tiny", 0)
   model = models.build_model("msdnet_tiny", 10)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(ValueError, match="num_exits"):
-    model.apply(variables, jnp.zeros((1, 32, 32, 3)), num_exits=4)
+    jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 32, 32, 3)), num_exits=4), _init(model))
 
 
 def test_block_steps():
@@ -222,16 +220,17 @@ def test_a_switch_without_effect_is_an_error():
 
 def test_num_exits_must_be_an_exit_count_not_a_bool():
   model = models.build_model("msdnet_tiny", 10)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  variables = _init(model)
+  apply = lambda n: jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 32, 32, 3)), num_exits=n), variables)
   for bad in (True, 0, 4, 1.0):
     with pytest.raises(ValueError, match="num_exits must be an integer in"):
-      model.apply(variables, jnp.zeros((1, 32, 32, 3)), num_exits=bad)
-  assert len(model.apply(variables, jnp.zeros((1, 32, 32, 3)), num_exits=2)) == 2
+      apply(bad)
+  assert len(apply(2)) == 2
 
 
 def _flat_params(name, **overrides):
   model = models.build_model(name, 10, **overrides)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = models.init_variables(model, jax.random.PRNGKey(0))["params"]
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
@@ -306,3 +305,28 @@ def test_msdfuse_imagenet_mode_strides_the_stem_and_uses_the_authors_head():
   assert head["conv2"]["conv"]["kernel"].shape == (1, 1, width, width)
   logits = jax.eval_shape(lambda v, x: model.apply(v, x), variables, image)
   assert [l.shape for l in logits] == [(2, 1000)] * 3
+
+
+
+def test_init_variables_gives_the_values_of_the_jitted_init():
+  # init_variables compiles at another XLA:CPU optimisation level; every initialiser the models use (He
+  # normal and PyTorch's uniform kernels, the classifier's uniform bias, BatchNorm's constants) must still
+  # draw the same values.
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from msdfuse_jax.models import layers  # pylint: disable=import-outside-toplevel
+
+  class EveryInit(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = nn.Conv(6, (3, 3), kernel_init=layers.conv_kernel_init)(x)
+      x = nn.Conv(5, (3, 3), kernel_init=layers.torch_default_kernel_init, use_bias=False)(x)
+      x = layers.BatchNorm(use_running_average=not train)(x)
+      return layers.classifier_linear(10, x.mean((1, 2)), zero_bias=False)
+
+  module = EveryInit()
+  for seed in (0, 7):
+    ours = models.init_variables(module, jax.random.PRNGKey(seed))
+    jitted = jax.jit(module.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))
+    assert jax.tree.structure(ours) == jax.tree.structure(jitted)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(jitted)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -68,7 +68,7 @@ def test_every_family_takes_every_technique(name):
   gradients unchanged, the trunk's rescaled; with boosting and distillation too, finite gradients."""
   plain = models.build_model(name, 10)
   images, labels = _batch()
-  variables = jax.jit(plain.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  variables = models.init_variables(plain, jax.random.PRNGKey(0))
   x = (images.astype(jnp.float32) / 255 - MEAN) / STD
   with base.gradient_equilibrium():
     outputs = plain.apply(variables, x)
@@ -98,7 +98,7 @@ def test_every_family_takes_every_technique(name):
 def test_boosted_exits_are_the_running_ensemble_with_stopped_gradients():
   plain = models.build_model("msdnet_tiny", 10)
   boosted = models.build_model("msdnet_tiny", 10, boost_reweight=0.5)
-  variables = jax.jit(plain.init)(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
+  variables = models.init_variables(plain, jax.random.PRNGKey(1))
   x = jax.random.normal(jax.random.PRNGKey(2), (4, 32, 32, 3))
   raw = jax.jit(plain.apply)(variables, x)
   out = jax.jit(boosted.apply)(variables, x)
@@ -143,7 +143,7 @@ def test_early_exit_with_boosting_equals_the_simulation(boosted_run, p):
 
 def test_distillation_alpha_zero_is_the_plain_loss_and_alpha_one_drops_the_labels():
   model = models.build_model("msdnet_tiny", 10)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  variables = models.init_variables(model, jax.random.PRNGKey(0))
   images, labels = _batch()
   plain = _grads(model, variables, images, labels)
   zero = _grads(model, variables, images, labels, train.Techniques(distill_alpha=0.0, distill_temperature=4.0))
