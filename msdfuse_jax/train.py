@@ -419,9 +419,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     # them see the same checkpoints and make the same orbax calls.
     mngr = checkpoints.manager(workdir, max_to_keep=config.train.keep_checkpoints)
     cleanup.callback(mngr.close)
-    state, how = ts.restore_or_init(workdir, ts.init_train_state(model, tx, jax.random.fold_in(root, 0),
-                                                          sources.image_size(config.dataset)),
-                                    mngr)
+    image_size = sources.image_size(config.dataset)
+    # A resumed run restores into the state's shapes: it neither runs nor compiles the initialiser.
+    state, how = ts.restore_or_init(
+        workdir, lambda: ts.init_train_state(model, tx, jax.random.fold_in(root, 0), image_size), mngr,
+        like=ts.abstract_train_state(model, tx, image_size))
     start = int(state.step)
     logging.info("%s run in %s at step %d of %d (%d steps/epoch, %d shards of %d on %d devices, %d "
                  "processes, %s pipeline)", how, workdir, start, plan.total_steps, plan.steps_per_epoch,

@@ -8,7 +8,7 @@ from imported weights, which have no ``opt_state``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from msdfuse_jax import checkpoints
+from msdfuse_jax import checkpoints, models
 
 
 
@@ -40,22 +40,37 @@ class TrainState:
             "opt_state": self.opt_state}
 
 
-def init_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                     image_size: int = 32) -> TrainState:
-  """Fresh parameters (initialised from `rng`), BatchNorm statistics and optimiser state, for RGB inputs
-  of ``image_size`` (`msdfuse_jax.data.sources.image_size`: 32 for CIFAR, 224 for ImageNet)."""
-  image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  # Jitted so that initialisation is one compiled program (cached) rather than hundreds of eager ops.
-  variables = jax.jit(lambda r: model.init(r, image, train=False))(rng)
+def _state_of(variables: dict[str, Any], tx: optax.GradientTransformation) -> TrainState:
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
 
 
-def restore_or_init(workdir: str, fresh: TrainState, mngr=None) -> tuple[TrainState, str]:
-  """The newest checkpoint of `workdir` in the structure of `fresh`, or `fresh` itself.
+def init_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                     image_size: int = 32) -> TrainState:
+  """Fresh parameters (initialised from `rng`), BatchNorm statistics and optimiser state, for RGB inputs
+  of ``image_size`` (`msdfuse_jax.data.sources.image_size`: 32 for CIFAR, 224 for ImageNet)."""
+  return _state_of(models.init_variables(model, rng, image_size), tx)
 
-  `mngr` is the run's checkpoint manager (see `checkpoints.restore`); None opens a read-only one.
+
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int = 32
+                         ) -> TrainState:
+  """The shapes and dtypes of `init_train_state`'s state (`jax.ShapeDtypeStruct` leaves), computing
+  nothing: what a resumed run restores into without initialising (and compiling the initialiser)."""
+  image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda r: _state_of(model.init(r, image, train=False), tx), jax.random.PRNGKey(0))
+
+
+def restore_or_init(workdir: str, fresh: TrainState | Callable[[], TrainState], mngr=None, *,
+                    like: TrainState | None = None) -> tuple[TrainState, str]:
+  """The newest checkpoint of `workdir` in the structure of the fresh state, or the fresh state itself.
+
+  Args:
+    workdir: the run directory.
+    fresh: the fresh state, or a function that makes it (`init_train_state`), called only when it is
+      needed: no checkpoint, or imported weights. A function needs `like`.
+    mngr: the run's checkpoint manager (see `checkpoints.restore`); None opens a read-only one.
+    like: the fresh state's shapes and dtypes (`abstract_train_state`); default `fresh` itself.
 
   Returns:
     (state, how): `how` is 'fresh', 'resumed' or 'imported' (a checkpoint without optimiser state, e.g.
@@ -63,16 +78,23 @@ def restore_or_init(workdir: str, fresh: TrainState, mngr=None) -> tuple[TrainSt
 
   Raises:
     checkpoints.CheckpointError: when every checkpoint is unreadable or does not fit the model.
+    ValueError: `fresh` is a function and `like` is not given.
   """
-  host = jax.tree.map(np.asarray, jax.device_get(fresh.to_checkpoint()))
-  # Restoring into the fresh state's structure gives back optax's named tuples, not nested lists.
+  make = fresh if callable(fresh) else lambda: fresh
+  if like is None:
+    if callable(fresh):
+      raise ValueError("restore_or_init: give `like` (abstract_train_state) when `fresh` is a function")
+    like = fresh
+  # Restoring into the fresh state's structure gives back optax's named tuples, not nested lists; host
+  # arrays of its shapes are all the restore needs of it.
+  host = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), like.to_checkpoint())
   target = lambda keys: {k: v for k, v in host.items() if k in keys}
   found = checkpoints.restore(workdir, target=target, set_aside_unreadable=True, mngr=mngr)
   if found is None:
-    return fresh, "fresh"
+    return make(), "fresh"
   _, restored = found
   if restored.get("opt_state") is None:
-    state = fresh.replace(params=restored["params"], batch_stats=restored.get("batch_stats") or {})
+    state = make().replace(params=restored["params"], batch_stats=restored.get("batch_stats") or {})
     return jax.tree.map(jnp.asarray, state), "imported"
   state = TrainState(step=jnp.asarray(restored["step"], jnp.int32), params=restored["params"],
                      batch_stats=restored["batch_stats"], opt_state=restored["opt_state"])
