@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import sys
 
 import jax
 import pytest
@@ -21,3 +22,21 @@ def shared_file(*parts: str) -> pathlib.Path:
   if not path.exists():
     pytest.skip(f"{path} not found: these tests need ../shared beside the repository")
   return path
+
+
+# The tools that tune XLA:CPU's flags by default (msdfuse_jax.xla_flags).
+_TUNING_TOOLS = ("train_main", "bench_main")
+
+
+def tool_command(tool: str, *args: str, tuned_cpu_flags: bool = False) -> list[str]:
+  """``python -m msdfuse_jax.tools.<tool> *args`` as the tests run it.
+
+  msdfuse-train and msdfuse-bench run with XLA's own CPU settings (``--notuned_cpu_flags``) unless asked,
+  as the in-process tests do: a tool run and an in-process run of one config then compile the same
+  programs (one entry of the compilation cache), and the tuned settings compile the tiny models about a
+  third slower. test_bench.py starts the tools with the tuned settings, so that XLA is seen to accept them.
+  """
+  command = [sys.executable, "-m", f"msdfuse_jax.tools.{tool}", *args]
+  if tool in _TUNING_TOOLS and not tuned_cpu_flags:
+    command.append("--notuned_cpu_flags")
+  return command

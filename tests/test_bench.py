@@ -3,12 +3,11 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from msdfuse_jax.tools import bench_main as bench
-from tests.conftest import REPO
+from tests.conftest import REPO, tool_command
 
 # The suite's compilation cache (tests/conftest.py), so that a second run skips the compile.
 CACHE = os.environ.get("MSDFUSE_JAX_CACHE", str(REPO / ".jax_cache"))
@@ -20,9 +19,9 @@ KEYS = {"train_images_per_s", "eval_images_per_s", "compile_s", "peak_memory_mb"
 def test_bench_cli_prints_and_writes_the_figures(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
-      [sys.executable, "-m", "msdfuse_jax.tools.bench_main",
-       f"--config={REPO}/configs/cifar.py:dataset=cifar100,model=msdnet_tiny", "--batch_size=8",
-       "--eval_batch_size=16", "--steps=2", "--eval_steps=1", "--compilation_cache", f"--json={out}"],
+      tool_command("bench_main", f"--config={REPO}/configs/cifar.py:dataset=cifar100,model=msdnet_tiny",
+                   "--batch_size=8", "--eval_batch_size=16", "--steps=2", "--eval_steps=1", "--compilation_cache",
+                   f"--json={out}", tuned_cpu_flags=True),
       capture_output=True, text=True, cwd=tmp_path, timeout=600,
       env={**os.environ, "JAX_PLATFORMS": "cpu", "MSDFUSE_JAX_CACHE": str(CACHE)})
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,9 +48,9 @@ def test_report_format_names_every_figure():
 def test_input_only_times_the_pipeline_alone(tmp_path, pipeline):
   out = tmp_path / "input.json"
   proc = subprocess.run(
-      [sys.executable, "-m", "msdfuse_jax.tools.bench_main",
-       f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=msdnet_tiny", "--batch_size=32", "--steps=5",
-       f"--config.data.pipeline={pipeline}", "--input_only", f"--json={out}"],
+      tool_command("bench_main", f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=msdnet_tiny",
+                   "--batch_size=32", "--steps=5", f"--config.data.pipeline={pipeline}", "--input_only",
+                   f"--json={out}"),
       capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())

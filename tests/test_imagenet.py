@@ -5,7 +5,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -15,7 +14,7 @@ from PIL import Image
 from msdfuse_jax import data as data_lib
 from msdfuse_jax import train
 from msdfuse_jax.data import imagenet, sources
-from tests.conftest import REPO
+from tests.conftest import REPO, tool_command
 
 WNIDS = ("n01440764", "n01443537", "n01484850")  # labels 0, 1, 2 of the official 1,000
 
@@ -199,7 +198,7 @@ def test_tfds_source_prepares_from_the_manual_dir_and_reads_by_index(tmp_path):
 
 
 def _tool(module, *args, cwd):
-  return subprocess.run([sys.executable, "-m", f"msdfuse_jax.tools.{module}", *args], capture_output=True,
+  return subprocess.run(tool_command(module, *args), capture_output=True,
                         text=True, cwd=cwd, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 

@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 
 from msdfuse_jax import checkpoints
-from tests.conftest import REPO, shared_file
+from tests.conftest import REPO, shared_file, tool_command
 
 STEPS = 10
 TIMEOUT = 420  # seconds for one launch (start-up and compilation on a loaded 2-core machine included)
@@ -64,7 +63,7 @@ def _env(devices: int) -> dict[str, str]:
 def launch(workdir: pathlib.Path, processes: int, devices: int = 1, extra: tuple[str, ...] = ()
            ) -> list[subprocess.Popen]:
   """Starts the run in `workdir` as `processes` processes of `devices` CPU devices each."""
-  command = [sys.executable, "-m", "msdfuse_jax.tools.train_main", *_flags(workdir), *extra]
+  command = tool_command("train_main", *_flags(workdir), *extra)
   if processes > 1:
     port = _free_port()
     commands = [command + ["--config.train.distributed=True",
@@ -180,8 +179,10 @@ def test_two_processes_compute_what_one_process_computes(runs, tmp_path):
   one_device = tmp_path / "1x1"
   run(one_device, 1)
   # One device runs both shards vmapped: other float rounding, which this tiny net at LR 0.05 amplifies
-  # ~10-100x a step (2e-7, 5e-5, 4e-3 after steps 2, 4, 6), so it is compared at step 2.
-  assert max_difference(state_at(two_processes, 2), state_at(one_device, 2)) <= 1e-6
+  # ~10-100x a step, so it is compared at step 2. Seen there: 2e-7 with the tools' tuned XLA:CPU flags,
+  # 2.3e-5 with XLA's own (the tests' setting, tests/conftest.py); a shard that shared another's
+  # BatchNorm statistics or augmentation would be off by 1e-2 and more.
+  assert max_difference(state_at(two_processes, 2), state_at(one_device, 2)) <= 1e-4
 
 
 @pytest.mark.slow
@@ -216,10 +217,9 @@ def test_inconsistent_distributed_fields_are_named(fields, message):
 
 
 def test_cli_with_inconsistent_distributed_fields_is_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "msdfuse_jax.tools.train_main", *_flags(tmp_path / "run"),
-                         "--config.train.distributed=True", "--config.train.num_processes=2",
-                         "--config.train.process_id=5"], capture_output=True, text=True, cwd=REPO,
-                        env=_env(1), timeout=120)
+  command = tool_command("train_main", *_flags(tmp_path / "run"), "--config.train.distributed=True",
+                         "--config.train.num_processes=2", "--config.train.process_id=5")
+  proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(1), timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "process_id=5" in errors[0], proc.stderr[-2000:]

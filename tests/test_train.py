@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -25,7 +24,7 @@ from msdfuse_jax.data import cifar as cifar_data
 from msdfuse_jax.data import order, sources
 from msdfuse_jax import optim
 from msdfuse_jax import train_state as ts
-from tests.conftest import REPO, shared_file
+from tests.conftest import REPO, shared_file, tool_command
 
 C10 = ("data", "cifar-10-python-subset.tar.gz")
 STEPS = 80
@@ -292,6 +291,25 @@ def test_imported_weights_start_a_fresh_optimizer(tmp_path):
   assert jax.tree.structure(state.opt_state) == jax.tree.structure(fresh.opt_state)
 
 
+def test_resuming_restores_into_the_shapes_without_initialising(tmp_path, uninterrupted):
+  workdir, final = uninterrupted
+  config = tiny_config()
+  model = models.from_config(config)
+  tx = optim.create_optimizer(config.optim, lambda step: 0.1)
+  like = ts.abstract_train_state(model, tx)
+  calls = []
+  make = lambda: calls.append(1) or ts.init_train_state(model, tx, jax.random.PRNGKey(0))
+  state, how = ts.restore_or_init(str(workdir), make, like=like)
+  assert how == "resumed" and int(state.step) == STEPS and not calls
+  for got, want in zip(params_of(state), final):
+    np.testing.assert_array_equal(got, want)
+  assert jax.tree.structure(state) == jax.tree.structure(like)
+  state, how = ts.restore_or_init(str(tmp_path), make, like=like)  # no checkpoint: the fresh state
+  assert how == "fresh" and calls == [1] and int(state.step) == 0
+  with pytest.raises(ValueError, match="give `like`"):
+    ts.restore_or_init(str(tmp_path), make)
+
+
 def _corrupt(step_dir) -> None:
   """Overwrites every data file of a checkpoint step, as a disk error or a killed copy would."""
   for root, _, files in os.walk(step_dir):
@@ -377,8 +395,8 @@ def test_every_shard_of_a_step_gets_its_own_augmentation():
 def test_sigterm_while_the_run_starts_stops_it_cleanly(tmp_path):
   config = f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=msdnet_tiny,runlocal"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "msdfuse_jax.tools.train_main", config, "--config.data.source=archive",
-       f"--config.data.path={shared_file(*C10)}", f"--workdir={tmp_path}/run"],
+      tool_command("train_main", config, "--config.data.source=archive", f"--config.data.path={shared_file(*C10)}",
+                   f"--workdir={tmp_path}/run"),
       stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   lines, deadline = [], time.time() + 240
   try:
@@ -419,7 +437,7 @@ def test_a_config_json_without_model_entry_is_reported_not_crashed(tmp_path):
 
 
 def run_cli(*args, cwd):
-  return subprocess.run([sys.executable, "-m", "msdfuse_jax.tools.train_main", *args], capture_output=True,
+  return subprocess.run(tool_command("train_main", *args), capture_output=True,
                         text=True, cwd=cwd, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 

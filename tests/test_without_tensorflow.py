@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, shared_file
+from tests.conftest import REPO, shared_file, tool_command
 
 # Loaded by every Python process started with this folder on PYTHONPATH (as sitecustomize).
 BLOCKER = '''
@@ -31,7 +31,7 @@ def no_tf_env(tmp_path_factory):
 
 
 def run_tool(tool, *args, env, cwd):
-  return subprocess.run([sys.executable, "-m", f"msdfuse_jax.tools.{tool}", *args], capture_output=True,
+  return subprocess.run(tool_command(tool, *args), capture_output=True,
                         text=True, cwd=cwd, env=env, timeout=900)
 
 
