@@ -423,7 +423,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     # A resumed run restores into the state's shapes: it neither runs nor compiles the initialiser.
     state, how = ts.restore_or_init(
         workdir, lambda: ts.init_train_state(model, tx, jax.random.fold_in(root, 0), image_size), mngr,
-        like=ts.abstract_train_state(model, tx, image_size))
+        like=lambda: ts.abstract_train_state(model, tx, image_size))
     start = int(state.step)
     logging.info("%s run in %s at step %d of %d (%d steps/epoch, %d shards of %d on %d devices, %d "
                  "processes, %s pipeline)", how, workdir, start, plan.total_steps, plan.steps_per_epoch,

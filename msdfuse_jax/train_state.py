@@ -8,6 +8,7 @@ from imported weights, which have no ``opt_state``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -57,12 +58,12 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, ima
                          ) -> TrainState:
   """The shapes and dtypes of `init_train_state`'s state (`jax.ShapeDtypeStruct` leaves), computing
   nothing: what a resumed run restores into without initialising (and compiling the initialiser)."""
-  image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return jax.eval_shape(lambda r: _state_of(model.init(r, image, train=False), tx), jax.random.PRNGKey(0))
+  init = models.initializer(model, image_size)
+  return jax.eval_shape(lambda r: _state_of(init(r), tx), jax.random.PRNGKey(0))
 
 
 def restore_or_init(workdir: str, fresh: TrainState | Callable[[], TrainState], mngr=None, *,
-                    like: TrainState | None = None) -> tuple[TrainState, str]:
+                    like: TrainState | Callable[[], TrainState] | None = None) -> tuple[TrainState, str]:
   """The newest checkpoint of `workdir` in the structure of the fresh state, or the fresh state itself.
 
   Args:
@@ -70,7 +71,8 @@ def restore_or_init(workdir: str, fresh: TrainState | Callable[[], TrainState], 
     fresh: the fresh state, or a function that makes it (`init_train_state`), called only when it is
       needed: no checkpoint, or imported weights. A function needs `like`.
     mngr: the run's checkpoint manager (see `checkpoints.restore`); None opens a read-only one.
-    like: the fresh state's shapes and dtypes (`abstract_train_state`); default `fresh` itself.
+    like: the fresh state's shapes and dtypes (`abstract_train_state`), or a function that gives them,
+      called only when there is a checkpoint to read; default `fresh` itself.
 
   Returns:
     (state, how): `how` is 'fresh', 'resumed' or 'imported' (a checkpoint without optimiser state, e.g.
@@ -85,10 +87,16 @@ def restore_or_init(workdir: str, fresh: TrainState | Callable[[], TrainState], 
     if callable(fresh):
       raise ValueError("restore_or_init: give `like` (abstract_train_state) when `fresh` is a function")
     like = fresh
-  # Restoring into the fresh state's structure gives back optax's named tuples, not nested lists; host
-  # arrays of its shapes are all the restore needs of it.
-  host = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), like.to_checkpoint())
-  target = lambda keys: {k: v for k, v in host.items() if k in keys}
+
+  @functools.cache
+  def host():
+    # Restoring into the fresh state's structure gives back optax's named tuples, not nested lists; host
+    # arrays of its shapes are all the restore needs of it.
+    state = like() if callable(like) else like
+    return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.to_checkpoint())
+
+  target = lambda keys: {k: v for k, v in host().items() if k in keys}  # read only if there is a checkpoint
+
   found = checkpoints.restore(workdir, target=target, set_aside_unreadable=True, mngr=mngr)
   if found is None:
     return make(), "fresh"

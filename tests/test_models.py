@@ -307,7 +307,6 @@ def test_msdfuse_imagenet_mode_strides_the_stem_and_uses_the_authors_head():
   assert [l.shape for l in logits] == [(2, 1000)] * 3
 
 
-
 def test_init_variables_gives_the_values_of_the_jitted_init():
   # init_variables compiles at another XLA:CPU optimisation level; every initialiser the models use (He
   # normal and PyTorch's uniform kernels, the classifier's uniform bias, BatchNorm's constants) must still

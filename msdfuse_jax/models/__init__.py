@@ -141,19 +141,24 @@ def from_config(config: Any, dtype: str | None = None) -> nn.Module:
 
 
 # XLA:CPU compiles a model's initialiser (one threefry draw per parameter; the forward pass is pruned) about
-# three times faster at LLVM optimisation level 1 than at its default level, to bit-identical values (tested
-# per family in tests/test_models.py). It runs once per run, so the level does not matter for its speed.
+# three times faster at LLVM optimisation level 1 than at its default level, to bit-identical values
+# (tests/test_models.py checks every initialiser the models use). It runs once per run, so the level does not
+# matter for its speed.
 _INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
-def init_variables(model: nn.Module, rng: jax.Array, image_size: int = 32) -> dict[str, Any]:
-  """``model.init`` on RGB images of ``image_size`` (eval mode), as one compiled program.
-
-  The same values as ``jax.jit(model.init)(rng, images)``; on CPU it compiles in a third of the time.
-  """
+def initializer(model: nn.Module, image_size: int = 32):
+  """``rng -> model.init(rng, images)`` on one RGB image of ``image_size`` (eval mode), to jit or to trace
+  abstractly (`jax.eval_shape`)."""
   image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  lowered = jax.jit(lambda r: model.init(r, image, train=False)).lower(rng)
+  return lambda rng: model.init(rng, image, train=False)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int = 32) -> dict[str, Any]:
+  """`initializer` as one compiled program: the values of ``jax.jit(model.init)(rng, images)``, compiled
+  on CPU in a third of the time."""
+  lowered = jax.jit(initializer(model, image_size)).lower(rng)
   return lowered.compile(compiler_options=_INIT_COMPILER_OPTIONS.get(jax.default_backend()))(rng)
 
 
-__all__ = ["DTYPES", "from_config", "init_variables", "MSDFuse", "MSDNet", "MultiExitModule", "PRESETS", "build_model", "preset_hparams", "preset_names"]
+__all__ = ["DTYPES", "from_config", "init_variables", "initializer", "MSDFuse", "MSDNet", "MultiExitModule", "PRESETS", "build_model", "preset_hparams", "preset_names"]
