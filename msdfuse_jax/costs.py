@@ -3,8 +3,11 @@
 For every exit k the costs are cumulative in execution order: blocks 1..k *and heads 1..k*, because an
 early-exit network evaluates every earlier head before it reaches exit k (the MSDNet and RANet papers' convention).
 
-Nothing here knows any architecture. Exit k's costs come from the jaxpr of
-``model.apply(variables, image, num_exits=k)`` at batch 1, walked equation by equation:
+Nothing here knows any architecture. Exit k's costs are those of the jaxpr of
+``model.apply(variables, image, num_exits=k)`` at batch 1, walked equation by equation. That jaxpr is the
+jaxprs of stages 1..k (``ensemble_stage``, the multi-exit contract) one after the other, so each stage is
+traced once, on the abstract state the stage before it returns, and exit k sums stages 1..k: one trace of
+the network instead of one per exit.
 
 * **MACs**: ``conv_general_dilated`` (output elements x kernel in-features x kernel window; a grouped
   convolution's kernel already holds C_in / groups in-features) and ``dot_general`` (output elements x
@@ -147,32 +150,40 @@ def exit_costs(model: Any, variables: Any | None = None, image_size: int = 32, c
   """Per-exit cumulative costs of a multi-exit model (see the module docstring for the conventions).
 
   Args:
-    model: a `MultiExitModule` (anything with `num_exits` and ``apply(..., num_exits=k)``).
-    variables: its variables; initialised from a fixed key when None (costs do not depend on values).
+    model: a `MultiExitModule` (its stages are traced one by one through `ensemble_stage`).
+    variables: its variables, or their shapes (`jax.ShapeDtypeStruct`s); when None, the shapes of
+      ``model.init`` (costs do not depend on values).
     image_size: input height and width; channels: input channels.
     with_xla: also compile each prefix and read XLA's flop count (slower).
 
   Returns:
     One `ExitCost` per exit, in order.
   """
-  image = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
-  if variables is None:
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image))
-    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
+  image = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+  if variables is None:  # shapes are all a trace needs: nothing is materialised
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), image)
   params = variables.get("params", {})
   rest = {k: v for k, v in variables.items() if k != "params"}
   leaves = jax.tree.leaves(params)
-  results = []
+  total, used, results = OpCount(), [False] * len(leaves), []
+  # XLA is given the running statistics as constants, which it folds into the convolutions.
+  constants = jax.tree.map(lambda v: np.zeros(v.shape, v.dtype) if isinstance(v, jax.ShapeDtypeStruct) else v,
+                           rest) if with_xla else rest
+  carry: Any = image
   for k in range(1, model.num_exits + 1):
-    def forward(p, x, k=k):
-      return model.apply({"params": p, **rest}, x, train=False, num_exits=k)
+    def stage(p, r, c, k=k):
+      return model.apply({"params": p, **r}, c, k, train=False, method=model.ensemble_stage)
 
-    closed = jax.make_jaxpr(forward)(params, image)
-    count = count_jaxpr(closed.jaxpr)
-    used = _used_invars(closed.jaxpr)
-    n_params = sum(int(np.prod(leaf.shape)) for v, leaf in zip(closed.jaxpr.invars, leaves) if v in used)
-    flops = xla_flops(forward, params, image) if with_xla else float("nan")
-    results.append(ExitCost(k, count.op_counter, count.macs, flops, n_params))
+    closed, (carry, _) = jax.make_jaxpr(stage, return_shape=True)(params, rest, carry)
+    total.add(count_jaxpr(closed.jaxpr))
+    reads = _used_invars(closed.jaxpr)  # the parameters are the first invars
+    used = [u or v in reads for u, v in zip(used, closed.jaxpr.invars)]
+    n_params = sum(int(np.prod(leaf.shape)) for u, leaf in zip(used, leaves) if u)
+    flops = float("nan")
+    if with_xla:
+      flops = xla_flops(lambda p, x, k=k: model.apply({"params": p, **constants}, x, train=False, num_exits=k),
+                        params, image)
+    results.append(ExitCost(k, total.op_counter, total.macs, flops, n_params))
   return results
 
 
