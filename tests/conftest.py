@@ -11,8 +11,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 # Compiled programs are cached across test runs (and across the tests of one run that compile the same
-# program), which is most of the suite's time on a 2-core CPU.
-jax.config.update("jax_compilation_cache_dir", os.environ.get("MSDFUSE_JAX_CACHE", str(REPO / ".jax_cache")))
+# program), which is most of the suite's time on a 2-core CPU. The tools that the tests start inherit the
+# variable (flags_util.enable_compilation_cache reads it), so a tool and an in-process test share programs.
+CACHE = os.environ.setdefault("MSDFUSE_JAX_CACHE", str(REPO / ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

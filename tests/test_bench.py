@@ -9,9 +9,6 @@ import pytest
 from msdfuse_jax.tools import bench_main as bench
 from tests.conftest import REPO, tool_command
 
-# The suite's compilation cache (tests/conftest.py), so that a second run skips the compile.
-CACHE = os.environ.get("MSDFUSE_JAX_CACHE", str(REPO / ".jax_cache"))
-
 KEYS = {"train_images_per_s", "eval_images_per_s", "compile_s", "peak_memory_mb"}
 
 
@@ -23,7 +20,7 @@ def test_bench_cli_prints_and_writes_the_figures(tmp_path):
                    "--batch_size=8", "--eval_batch_size=16", "--steps=2", "--eval_steps=1", "--compilation_cache",
                    f"--json={out}", tuned_cpu_flags=True),
       capture_output=True, text=True, cwd=tmp_path, timeout=600,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "MSDFUSE_JAX_CACHE": str(CACHE)})
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})  # with the suite's compilation cache (conftest.py)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert KEYS <= set(report)

@@ -51,8 +51,7 @@ def _flags(workdir: pathlib.Path) -> list[str]:
 
 
 def _env(devices: int) -> dict[str, str]:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "MSDFUSE_JAX_CACHE": str(REPO / ".jax_cache"),
-         "PYTHONPATH": str(REPO)}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
   if devices > 1:
     flags.append(f"--xla_force_host_platform_device_count={devices}")

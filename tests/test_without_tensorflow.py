@@ -26,8 +26,7 @@ def no_tf_env(tmp_path_factory):
   folder = tmp_path_factory.mktemp("no_tf")
   (folder / "sitecustomize.py").write_text(BLOCKER)
   path = os.pathsep.join([str(folder), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-  return {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu",
-          "MSDFUSE_JAX_CACHE": os.environ.get("MSDFUSE_JAX_CACHE", str(REPO / ".jax_cache"))}
+  return {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu"}
 
 
 def run_tool(tool, *args, env, cwd):
