@@ -43,8 +43,9 @@ class TrainState:
 
 def _state_of(variables: dict[str, Any], tx: optax.GradientTransformation) -> TrainState:
   params = variables["params"]
+  # One program for the whole optimiser state: made leaf by leaf, each shape of zeros compiles its own.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+                    batch_stats=variables.get("batch_stats", {}), opt_state=jax.jit(tx.init)(params))
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
