@@ -193,28 +193,3 @@ def check_unused(module: nn.Module, fields: Sequence[str], reason: str) -> None:
       raise ValueError(f"{field}={value!r} has no effect with {reason}; leave it at {defaults[field]!r} "
                        "or change the setting that disables it")
 
-
-def exit_schedule(n_stages: int, n_units: int, exit_after: Sequence[int]) -> list[list[tuple[int, int]]]:
-  """Splits the (stage, unit) sequence of a chain network into the segments that end at each exit.
-
-  Unit u of every stage is followed by an exit when u is in `exit_after`; the last unit of the last stage
-  always is. Stages and units are 1-based.
-  """
-  schedule, pending = [], []
-  for s in range(1, n_stages + 1):
-    for u in range(1, n_units + 1):
-      pending.append((s, u))
-      if u in exit_after or (s == n_stages and u == n_units):
-        schedule.append(pending)
-        pending = []
-  return schedule
-
-
-def check_exit_positions(exit_after: Sequence[int], n: int, n_name: str) -> None:
-  """`exit_after` must be strictly increasing integers in [1, n - 1] (unit n has the final exit)."""
-  ok = (isinstance(exit_after, (tuple, list)) and all(isinstance(e, int) and not isinstance(e, bool)
-                                                       for e in exit_after)
-        and list(exit_after) == sorted(set(exit_after)))
-  if not ok or any(not 1 <= e < n for e in exit_after):
-    raise ValueError(f"exit_after must hold strictly increasing integers in [1, {n_name} - 1 = {n - 1}], "
-                     f"got {tuple(exit_after) if isinstance(exit_after, (tuple, list)) else exit_after!r}")

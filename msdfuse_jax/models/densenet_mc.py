@@ -38,8 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msdfuse_jax.models import base, layers
-from msdfuse_jax.models.base import MultiExitModule
+from msdfuse_jax.models import base, chain, layers
 
 Dtype = Any
 INIT = layers.INITS["he_fan_out"]  # He et al.'s init, zero Linear biases
@@ -81,10 +80,10 @@ class Transition(nn.Module):
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
-class DenseNetMC(MultiExitModule):
+class DenseNetMC(chain.ChainMC):
   """DenseNet^MC for 32x32 inputs. Defaults are the MSDNet paper's 52-layer, 7-exit network with k = 8.
 
-  Attributes:
+  Attributes (and `chain.ChainMC`'s: classes, exit positions, heads):
     growth_rate: k, channels added per layer.
     n_blocks: dense blocks (one per resolution), separated by transitions.
     layers_per_block: DenseNet-BC layers per block.
@@ -95,10 +94,8 @@ class DenseNetMC(MultiExitModule):
     init_channels: stem width; 0 means 2k (DenseNet-BC).
     head: 'msdnet' (MSDNet's CIFAR head on the map average-pooled to `head_resolution`) or 'pool'
       (BN-ReLU-global average pool-Linear, DenseNet's own classifier, at every exit).
-    head_width, head_resolution: the MSDNet head's width and the map size it sees.
   """
 
-  num_classes: int = 10
   growth_rate: int = 8
   n_blocks: int = 3
   layers_per_block: int = 16
@@ -106,33 +103,21 @@ class DenseNetMC(MultiExitModule):
   bottleneck_factor: int = 4
   compression: float = 0.5
   init_channels: int = 0
-  head: str = "msdnet"
-  head_width: int = 128
-  head_resolution: int = 8
-  bn_unbiased_var: bool = True
-  dtype: Dtype = jnp.float32
 
   @property
-  def num_exits(self) -> int:
-    return self.n_blocks * len(self.exit_after) + 1
+  def chain_shape(self) -> tuple[int, int, str]:
+    return self.n_blocks, self.layers_per_block, "layers_per_block"
 
   def validate(self) -> None:
     """Raises ValueError naming the bad hyper-parameter and its valid choices."""
-    base.check_choice("head", self.head, layers.BASELINE_HEADS)
-    base.check_positive_ints(self, ("growth_rate", "n_blocks", "layers_per_block", "bottleneck_factor",
-                                    "head_width", "head_resolution"))
-    base.check_bools(self, ("bn_unbiased_var",))
+    base.check_positive_ints(self, ("growth_rate", "n_blocks", "layers_per_block", "bottleneck_factor"))
     if (isinstance(self.init_channels, bool) or not isinstance(self.init_channels, int)
         or self.init_channels < 0):
       raise ValueError(f"init_channels must be a non-negative integer (0: 2 * growth_rate), got "
                        f"{self.init_channels!r}")
     if not 0 < self.compression <= 1:
       raise ValueError(f"compression must lie in (0, 1], got {self.compression}")
-    base.check_exit_positions(self.exit_after, self.layers_per_block, "layers_per_block")
-
-  def schedule(self) -> list[list[tuple[int, int]]]:
-    """For each exit, the (block, layer) pairs (both 1-based) run since the previous exit."""
-    return base.exit_schedule(self.n_blocks, self.layers_per_block, self.exit_after)
+    self.validate_chain()
 
   def setup(self):
     self.validate()
@@ -148,9 +133,7 @@ class DenseNetMC(MultiExitModule):
       if b < self.n_blocks:
         channels = math.floor(self.compression * channels)
         setattr(self, f"transition{b}", Transition(channels, norm, self.dtype))
-    for e in range(1, self.num_exits + 1):
-      setattr(self, f"exit{e}", layers.baseline_head(self.head, self.num_classes, self.head_width,
-                                                     self.head_resolution, True, norm, INIT, self.dtype))
+    self.setup_heads(True, norm, INIT)
 
   def stage(self, state: Any, k: int, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Runs the dense layers (and transitions) between exit k-1 and exit k, then exit k."""

@@ -40,8 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msdfuse_jax.models import base, layers
-from msdfuse_jax.models.base import MultiExitModule
+from msdfuse_jax.models import base, chain, layers
 
 Dtype = Any
 SHORTCUTS = ("pad", "conv")
@@ -76,10 +75,10 @@ class BasicBlock(nn.Module):
     return nn.relu(y + x)
 
 
-class ResNetMC(MultiExitModule):
+class ResNetMC(chain.ChainMC):
   """ResNet^MC for 32x32 inputs. Defaults are the MSDNet paper's 62-layer, 7-exit network.
 
-  Attributes:
+  Attributes (and `chain.ChainMC`'s: classes, exit positions, heads):
     widths: channels at each resolution (one resolution per entry; every resolution after the first
       starts with a stride-2 block).
     blocks_per_stage: residual blocks per resolution.
@@ -88,39 +87,26 @@ class ResNetMC(MultiExitModule):
     shortcut: 'pad' (option A, He et al.'s CIFAR choice) or 'conv' (1x1 projection) where shapes change.
     head: 'msdnet' (MSDNet's CIFAR head on the map average-pooled to `head_resolution`) or 'pool'
       (global average pool -> Linear, the ResNet's own classifier, at every exit).
-    head_width, head_resolution: the MSDNet head's width and the map size it sees.
   """
 
-  num_classes: int = 10
   widths: Sequence[int] = (16, 32, 64)
   blocks_per_stage: int = 10
   exit_after: Sequence[int] = (4, 8)
   shortcut: str = "pad"
-  head: str = "msdnet"
-  head_width: int = 128
-  head_resolution: int = 8
-  bn_unbiased_var: bool = True
-  dtype: Dtype = jnp.float32
 
   @property
-  def num_exits(self) -> int:
-    return len(self.widths) * len(self.exit_after) + 1
+  def chain_shape(self) -> tuple[int, int, str]:
+    return len(self.widths), self.blocks_per_stage, "blocks_per_stage"
 
   def validate(self) -> None:
     """Raises ValueError naming the bad hyper-parameter and its valid choices."""
     base.check_choice("shortcut", self.shortcut, SHORTCUTS)
-    base.check_choice("head", self.head, layers.BASELINE_HEADS)
-    base.check_positive_ints(self, ("blocks_per_stage", "head_width", "head_resolution"))
-    base.check_bools(self, ("bn_unbiased_var",))
+    base.check_positive_ints(self, ("blocks_per_stage",))
     base.check_int_sequence("widths", self.widths)
     if any(b < a for a, b in zip(self.widths, self.widths[1:])):
       raise ValueError(f"widths must be non-decreasing (the 'pad' shortcut only adds channels), got "
                        f"{tuple(self.widths)}")
-    base.check_exit_positions(self.exit_after, self.blocks_per_stage, "blocks_per_stage")
-
-  def schedule(self) -> list[list[tuple[int, int]]]:
-    """For each exit, the (resolution, block) pairs (both 1-based) run since the previous exit."""
-    return base.exit_schedule(len(self.widths), self.blocks_per_stage, self.exit_after)
+    self.validate_chain()
 
   def setup(self):
     self.validate()
@@ -130,9 +116,7 @@ class ResNetMC(MultiExitModule):
       for b in range(1, self.blocks_per_stage + 1):
         stride = 2 if s > 1 and b == 1 else 1
         setattr(self, f"stage{s}_block{b}", BasicBlock(width, stride, self.shortcut, norm, self.dtype))
-    for k in range(1, self.num_exits + 1):
-      setattr(self, f"exit{k}", layers.baseline_head(self.head, self.num_classes, self.head_width,
-                                                     self.head_resolution, False, norm, INIT, self.dtype))
+    self.setup_heads(False, norm, INIT)
 
   def stage(self, state: Any, k: int, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Runs the residual blocks between exit k-1 and exit k (the stem too for k = 1), then exit k."""
