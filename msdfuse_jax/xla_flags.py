@@ -37,6 +37,11 @@ _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plu
 _VALIDATED_JAXLIB = ("0.10.",)
 
 
+def accelerator_plugin_installed() -> bool:
+  """Whether JAX can find a CUDA, ROCm or TPU plugin here (otherwise this is a CPU-only install)."""
+  return any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
+
+
 def use_fast_cpu_flags() -> None:
   """Adds `CPU_XLA_FLAGS` to ``XLA_FLAGS``, except those the user already set there.
 
@@ -46,7 +51,7 @@ def use_fast_cpu_flags() -> None:
   """
   # On a GPU/TPU host they would not help, and an XLA build that does not know an experimental flag
   # refuses to start: leave XLA_FLAGS alone wherever an accelerator plugin is installed.
-  if any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS):
+  if accelerator_plugin_installed():
     return
   if not jaxlib.__version__.startswith(_VALIDATED_JAXLIB):
     logging.info("jaxlib %s: XLA:CPU flags %s not validated for it, left unset", jaxlib.__version__,
