@@ -29,6 +29,10 @@ if not xla_flags.accelerator_plugin_installed() and "xla_backend_optimization_le
     "XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_LEVEL}".strip()
 
+# Under pytest-xdist every worker is a process of its own: on a GPU none may take most of its memory up front.
+if "PYTEST_XDIST_WORKER" in os.environ:
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 
 def shared_file(*parts: str) -> pathlib.Path:
   """A file of ../shared, or a skip naming it when the checkout has no ../shared beside it."""
