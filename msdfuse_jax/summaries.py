@@ -9,6 +9,7 @@ are local, as everywhere in the package): tensorboard's own `EventFileWriter` op
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import time
@@ -16,6 +17,10 @@ from typing import Mapping
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
+
+# The last part of an events file's name: two writers of one process in one second (a run resumed in
+# process) write two files, as TensorBoard's own writer does, instead of the second truncating the first.
+_WRITER_IDS = itertools.count()
 
 
 class ScalarWriter:
@@ -31,7 +36,8 @@ class ScalarWriter:
     if not enabled:
       return
     os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+    name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+            f"{next(_WRITER_IDS)}")
     self._writer = RecordWriter(open(os.path.join(logdir, name), "wb"))  # pylint: disable=consider-using-with
     self._write(event_pb2.Event(file_version="brain.Event:2"))
 

@@ -21,6 +21,16 @@ def test_scalars_read_back_by_tensorboard(tmp_path):
   writer.close()  # idempotent
 
 
+def test_a_second_writer_on_the_same_run_keeps_the_first_ones_events(tmp_path):
+  for step in (1, 2):  # a run resumed within the same process and second
+    writer = summaries.ScalarWriter(str(tmp_path))
+    writer.write_scalars(step, {"train/loss": float(step)})
+    writer.close()
+  acc = event_accumulator.EventAccumulator(str(tmp_path))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+
+
 def test_a_disabled_writer_writes_nothing(tmp_path):
   writer = summaries.ScalarWriter(str(tmp_path / "run"), enabled=False)
   writer.write_scalars(1, {"train/loss": 1.0})
