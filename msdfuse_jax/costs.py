@@ -166,9 +166,9 @@ def exit_costs(model: Any, variables: Any | None = None, image_size: int = 32, c
   rest = {k: v for k, v in variables.items() if k != "params"}
   leaves = jax.tree.leaves(params)
   total, used, results = OpCount(), [False] * len(leaves), []
-  # XLA is given the running statistics as constants, which it folds into the convolutions.
-  constants = jax.tree.map(lambda v: np.zeros(v.shape, v.dtype) if isinstance(v, jax.ShapeDtypeStruct) else v,
-                           rest) if with_xla else rest
+  if with_xla:  # XLA is given the running statistics as constants, which it folds into the convolutions
+    constants = jax.tree.map(lambda v: np.zeros(v.shape, v.dtype) if isinstance(v, jax.ShapeDtypeStruct)
+                             else v, rest)
   carry: Any = image
   for k in range(1, model.num_exits + 1):
     def stage(p, r, c, k=k):

@@ -57,7 +57,12 @@ def use_fast_cpu_flags() -> None:
     logging.info("jaxlib %s: XLA:CPU flags %s not validated for it, left unset", jaxlib.__version__,
                  CPU_XLA_FLAGS)
     return
+  add_flags(CPU_XLA_FLAGS)
+
+
+def add_flags(flags: tuple[str, ...] | list[str]) -> None:
+  """Appends ``--name=value`` flags to ``XLA_FLAGS``, except those whose name is set there already."""
   current = os.environ.get("XLA_FLAGS", "")
-  extra = [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] + "=" not in current]
+  extra = [flag for flag in flags if flag.split("=")[0] + "=" not in current]
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()

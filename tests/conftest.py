@@ -24,10 +24,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # about 0.6 of the time and runs 2-3 times slower, a good trade for tests that take a few steps. Programs
 # that give an optimisation level themselves (models.init_variables) keep it. A level set in XLA_FLAGS
 # before the run is kept.
-XLA_TEST_LEVEL = "--xla_backend_optimization_level=0"
-if not xla_flags.accelerator_plugin_installed() and "xla_backend_optimization_level" not in os.environ.get(
-    "XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_LEVEL}".strip()
+if not xla_flags.accelerator_plugin_installed():
+  xla_flags.add_flags(["--xla_backend_optimization_level=0"])
 
 # Under pytest-xdist every worker is a process of its own: on a GPU none may take most of its memory up front.
 if "PYTEST_XDIST_WORKER" in os.environ:
