@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from msdfuse_jax import checkpoints, models, parallel, preemption as preemption_lib, rundir, summaries
 from msdfuse_jax import data as data_lib
-from msdfuse_jax.data import augment, cifar, order, sources
+from msdfuse_jax.data import augment, cifar, order, sources, threads
 from msdfuse_jax.models import base as base_lib
 from msdfuse_jax import metrics as metrics_lib
 from msdfuse_jax import optim
@@ -222,7 +222,8 @@ def evaluate_all(p_eval_step, state: ts.TrainState, eval_sets: dict[str, tuple[n
   scalars = {}
   for name, (images, labels, total) in eval_sets.items():
     sums = None
-    for batch in parallel.eval_batches(images, labels, batch_size, total):
+    # The next batches are decoded (ImageNet) in the background while the devices compute this one.
+    for batch in threads.prefetched(parallel.eval_batches(images, labels, batch_size, total)):
       out = p_eval_step(variables, parallel.batch(batch))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     scalars.update(metrics_lib.summarize(parallel.to_host(sums), weights, name))
