@@ -26,6 +26,8 @@ mean and std), so the CIFAR crop, flip and Mixup/CutMix fields of ``config.aug``
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from msdfuse_jax import models
@@ -69,6 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir
   config.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # the official tars (tfds)
   config.data.pipeline = "stream"  # the only one: the training set is read and augmented on the host
+  # Each worker holds about 3 steps of images; any value reads the same batches.
+  config.data.workers = os.cpu_count() or 1  # processes decoding the training set; 0: threads in this one
   config.data.val_size = 50000  # held out of the training set for threshold fitting (MSDNet's protocol)
   config.data.split_seed = 0
   config.data.train_includes_val = False  # True: train on all 1,281,167 (anytime protocol)
