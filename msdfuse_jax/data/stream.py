@@ -13,9 +13,9 @@ Its position is the step itself, so the checkpointed train state is the whole it
 ImageNet's default: the machine's CPU count) N grain worker processes do (`grain.IterDataset.mp_prefetch`):
 worker i reads steps start + i, start + i + N, ... and grain interleaves them back into step order, so
 the batches are the same for any N, and decoding no longer competes for the GIL with the loop that feeds
-the accelerator. Each worker decodes on its share of the cores (`threads.set_pool_size`); it has up to
-three steps of images in flight (the one it computes, its result queue of one, and the one grain holds
-for it in the training process). The
+the accelerator. Each worker decodes on its share of the cores (`threads.set_pool_size`) and holds up
+to three finished steps of images (one waiting for room in its result queue, the one in that queue, and
+the one grain's interleave holds for it in the training process). The
 workers ignore SIGINT and SIGTERM (the training loop acts on them and then closes the feed, which stops
 them) and exit by themselves if the training process dies, so none outlives the run.
 """
@@ -96,6 +96,10 @@ class _StepReader:
     return {k: v.reshape(*rows.shape, *v.shape[1:]) for k, v in batch.items()}
 
 
+PREFETCH = 8  # steps the threads of the training process keep ready (workers = 0)
+DEVICE_DEPTH = 2  # steps put on the devices ahead of their use
+
+
 def _start_worker(pool_size: int, index: int, count: int) -> None:
   """Runs first in each grain worker process: its decoding threads, its signals, its watchdog."""
   del index, count
@@ -152,7 +156,7 @@ class HostBatches:
 
 
 def host_batches(source: Source, seed: int, plan: Any, start: int, *, shards: range | None = None,
-                 workers: int = 0, threads: int = 2, prefetch: int = 8) -> HostBatches:
+                 workers: int = 0, threads: int = 2, prefetch: int = PREFETCH) -> HostBatches:
   """This process's host batches for steps ``start, start + 1, ..., plan.total_steps - 1``.
 
   Each is ``image`` (S, b, H, W, C) and ``label`` (S, b) for the S shards of `shards` (default: this
@@ -181,7 +185,14 @@ def host_batches(source: Source, seed: int, plan: Any, start: int, *, shards: ra
   return HostBatches(iter(dataset), workers)
 
 
-def to_devices(batches: Iterator[dict[str, np.ndarray]], depth: int = 2) -> Iterator[Any]:
+def steps_ahead(workers: int) -> int:
+  """How many steps a `StreamFeed` can hold ready before they are asked for (what a benchmark of its
+  steady rate takes untimed first): 3 per worker (see the module docstring) or the threads' `PREFETCH`,
+  and the `DEVICE_DEPTH` steps on the devices."""
+  return DEVICE_DEPTH + (3 * workers if workers else PREFETCH)
+
+
+def to_devices(batches: Iterator[dict[str, np.ndarray]], depth: int = DEVICE_DEPTH) -> Iterator[Any]:
   """Global batch arrays (`parallel.batch`), `depth` steps put on the devices ahead of their use."""
   queue: collections.deque = collections.deque()
   for host in batches:
