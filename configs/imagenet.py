@@ -19,8 +19,9 @@ l2w_den_300`` and the flag ``runlocal`` (the tiny variant, batch 8, a few steps)
 - ``l2w_den`` (the L2W-DEN pretrained checkpoints): 100 epochs, batch 4096, LR 0.8 (0.1 per 512 images,
   scaled linearly), per-step cosine; ``l2w_den_300``: 300 epochs with label smoothing 0.1.
 
-Augmentation is on the host (the ``stream`` pipeline): random-resized crop to 224 and a horizontal flip;
-evaluation resizes the shorter side to 256 and takes the centre crop. The step only normalises (ImageNet
+Augmentation is on the host (the ``stream`` pipeline, in ``config.data.workers`` processes, by default one
+per CPU; docs/imagenet.md): random-resized crop to 224 and a horizontal flip; evaluation resizes the
+shorter side to 256 and takes the centre crop. The step only normalises (ImageNet
 mean and std), so the CIFAR crop, flip and Mixup/CutMix fields of ``config.aug`` are off.
 """
 
