@@ -1,5 +1,6 @@
 """The host's threads: background prefetching (its order, errors and early exit) and the evaluation loops
-that use it, which give exactly what a plain loop over the same batches gives."""
+that use it, which decode off the main thread and give exactly what a plain loop over the same batches
+gives."""
 
 import threading
 import time
@@ -65,6 +66,31 @@ def test_leaving_the_loop_early_computes_no_more_items():
   assert len(computed) == done
 
 
+class DecodeThreads:
+  """An image set that records which thread decodes each batch (``np.asarray`` of a slice), as
+  `imagenet.EvalImages` decodes when a batch is taken."""
+
+  def __init__(self, images):
+    self.images, self.threads = images, []
+    self.shape, self.dtype = images.shape, images.dtype
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, index):
+    outer = self
+
+    class Batch:
+      def __len__(self):
+        return len(outer.images[index])
+
+      def __array__(self, dtype=None, copy=None):
+        outer.threads.append(threading.get_ident())
+        return np.asarray(outer.images[index], dtype)
+
+    return Batch()
+
+
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory):
   """msdnet_tiny at random init, and 9 lazily decoded images of a generated folder at 32x32."""
@@ -77,8 +103,11 @@ def eval_setup(tmp_path_factory):
 def test_predict_probs_equals_a_plain_loop_over_its_batches(eval_setup):
   model, variables, images, _ = eval_setup
   fn = predict.make_predict_fn(model, MEAN, STD)
-  got = predict.predict_probs(model, variables, images, MEAN, STD, batch_size=4, predict_fn=fn)
+  recorded = DecodeThreads(images)
+  got = predict.predict_probs(model, variables, recorded, MEAN, STD, batch_size=4, predict_fn=fn)
   assert got.shape == (model.num_exits, 9, 10)
+  # Decoded off the thread that runs the model: the next batch while the device computes this one.
+  assert len(recorded.threads) == 3 and threading.get_ident() not in recorded.threads
   want = []
   for lo in (0, 4, 8):  # the last batch of one image padded to 4 with copies of it
     batch = np.asarray(images[lo:lo + 4])
@@ -94,7 +123,9 @@ def test_evaluate_all_equals_a_plain_loop_over_its_batches(eval_setup):
   aug = ml_collections.ConfigDict(dict(augment.DEFAULTS))
   _, p_eval_step = train.make_steps(model, optax.sgd(0.1), aug, plan, weights, MEAN, STD, 10, "stream")
   state = types.SimpleNamespace(variables=parallel.replicate(variables))
-  got = train.evaluate_all(p_eval_step, state, {"test": (images, labels, 9)}, 4, weights)
+  recorded = DecodeThreads(images)
+  got = train.evaluate_all(p_eval_step, state, {"test": (recorded, labels, 9)}, 4, weights)
+  assert len(recorded.threads) == 3 and threading.get_ident() not in recorded.threads
   sums = None
   for batch in parallel.eval_batches(images, labels, 4, 9):
     out = parallel.to_host(p_eval_step(state.variables, parallel.batch(batch)))
