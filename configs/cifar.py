@@ -72,6 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # device: the whole training set on every device, batches gathered inside the step (fastest for CIFAR);
   # stream: this process's batches read on the host (grain) and prefetched to the devices (any size).
   config.data.pipeline = "device"
+  # CIFAR's records are uint8 arrays with nothing to decode: worker processes would only copy them.
+  config.data.workers = 0  # stream pipeline: grain worker processes reading the batches; 0: threads
   config.data.allow_download = False  # let TFDS download CIFAR when it is not prepared (needs internet)
 
   # crop_padding: zero padding before the random 32x32 crop; flip: horizontal flip with p = 0.5;

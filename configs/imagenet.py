@@ -19,12 +19,15 @@ l2w_den_300`` and the flag ``runlocal`` (the tiny variant, batch 8, a few steps)
 - ``l2w_den`` (the L2W-DEN pretrained checkpoints): 100 epochs, batch 4096, LR 0.8 (0.1 per 512 images,
   scaled linearly), per-step cosine; ``l2w_den_300``: 300 epochs with label smoothing 0.1.
 
-Augmentation is on the host (the ``stream`` pipeline): random-resized crop to 224 and a horizontal flip;
-evaluation resizes the shorter side to 256 and takes the centre crop. The step only normalises (ImageNet
+Augmentation is on the host (the ``stream`` pipeline, in ``config.data.workers`` processes, by default one
+per CPU; docs/imagenet.md): random-resized crop to 224 and a horizontal flip; evaluation resizes the
+shorter side to 256 and takes the centre crop. The step only normalises (ImageNet
 mean and std), so the CIFAR crop, flip and Mixup/CutMix fields of ``config.aug`` are off.
 """
 
 from __future__ import annotations
+
+import os
 
 import ml_collections
 
@@ -69,6 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir
   config.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # the official tars (tfds)
   config.data.pipeline = "stream"  # the only one: the training set is read and augmented on the host
+  # Each worker holds about 3 steps of images; any value reads the same batches.
+  config.data.workers = os.cpu_count() or 1  # processes decoding the training set; 0: threads in this one
   config.data.val_size = 50000  # held out of the training set for threshold fitting (MSDNet's protocol)
   config.data.split_seed = 0
   config.data.train_includes_val = False  # True: train on all 1,281,167 (anytime protocol)

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from msdfuse_jax import checkpoints, models, parallel, preemption as preemption_lib, rundir, summaries
 from msdfuse_jax import data as data_lib
-from msdfuse_jax.data import augment, cifar, order, sources
+from msdfuse_jax.data import augment, cifar, order, sources, threads
 from msdfuse_jax.models import base as base_lib
 from msdfuse_jax import metrics as metrics_lib
 from msdfuse_jax import optim
@@ -222,7 +222,8 @@ def evaluate_all(p_eval_step, state: ts.TrainState, eval_sets: dict[str, tuple[n
   scalars = {}
   for name, (images, labels, total) in eval_sets.items():
     sums = None
-    for batch in parallel.eval_batches(images, labels, batch_size, total):
+    # The next batches are decoded (ImageNet) in the background while the devices compute this one.
+    for batch in threads.prefetched(parallel.eval_batches(images, labels, batch_size, total)):
       out = p_eval_step(variables, parallel.batch(batch))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     scalars.update(metrics_lib.summarize(parallel.to_host(sums), weights, name))
@@ -327,8 +328,15 @@ class DeviceFeed:
     pass
 
 
-def make_feed(pipeline: str, data: Any, seed: int, plan: Plan, start: int):
-  """The feed of `pipeline` over `data`'s training set for a run that continues after step `start`."""
+def make_feed(pipeline: str, data: Any, seed: int, plan: Plan, start: int, *, workers: int = 0):
+  """The feed of `pipeline` over `data`'s training set for a run that continues after step `start`.
+
+  `workers` (``config.data.workers``): the ``stream`` pipeline's grain worker processes, 0 for threads of
+  this process (`stream.host_batches`); the ``device`` pipeline reads nothing on the host and ignores it.
+  """
+  if workers < 0:
+    raise ConfigError(f"config.data.workers={workers} must be >= 0 (0: read in threads of the training "
+                      "process; N: N worker processes)")
   if pipeline == "device":
     if not isinstance(data.train_images, np.ndarray):
       raise ConfigError(f"config.data.pipeline='device' holds the training set on every device, which "
@@ -336,7 +344,7 @@ def make_feed(pipeline: str, data: Any, seed: int, plan: Plan, start: int):
     return DeviceFeed(data.train_images, data.train_labels, seed, plan)
   from msdfuse_jax.data import stream  # pylint: disable=import-outside-toplevel  (needs grain)
   try:
-    return stream.StreamFeed(data.train_source(seed), seed, plan, start)
+    return stream.StreamFeed(data.train_source(seed), seed, plan, start, workers=workers)
   except ImportError as e:
     raise ConfigError(str(e)) from None
 
@@ -432,7 +440,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
     p_train_step, p_eval_step = make_steps(model, tx, config.aug, plan, weights, data.mean, data.std,
                                            data.num_classes, pipeline, tech)
-    feed = make_feed(pipeline, data, config.seed, plan, start)
+    feed = make_feed(pipeline, data, config.seed, plan, start,
+                     workers=int(config.data.get("workers", 0)))
     cleanup.callback(feed.close)
     aug_rng = parallel.replicate(jax.random.fold_in(root, 1))
     eval_sets = {}

@@ -12,6 +12,10 @@ from msdfuse_jax import xla_flags
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
+# The tools and scripts that the tests start import this checkout, wherever they run (cwd=tmp_path) and
+# whichever checkout is installed (an editable install of another worktree would be tested instead).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
 # Compiled programs are cached across test runs (and across the tests of one run that compile the same
 # program), which is most of the suite's time on a 2-core CPU. The tools that the tests start inherit the
 # variable (flags_util.enable_compilation_cache reads it), so a tool and an in-process test share programs.

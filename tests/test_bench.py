@@ -54,3 +54,19 @@ def test_input_only_times_the_pipeline_alone(tmp_path, pipeline):
   assert report["pipeline"] == pipeline and report["batch_size"] == 32
   assert report["input_images_per_s"] > 0 and "train_images_per_s" not in report
   assert f"{pipeline} input pipeline" in proc.stdout and "images/s" in proc.stdout
+
+
+def test_input_only_decodes_an_image_folder_in_worker_processes(tmp_path):
+  from tests.test_imagenet import make_folder  # pylint: disable=import-outside-toplevel
+  root = make_folder(tmp_path / "in")
+  out = tmp_path / "input.json"
+  proc = subprocess.run(
+      tool_command("bench_main", f"--config={REPO}/configs/imagenet.py:runlocal", f"--config.data.path={root}",
+                   "--config.data.workers=2", "--batch_size=4", "--steps=3", "--input_only", f"--json={out}"),
+      capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["source"] == f"folder {root}" and report["workers"] == 2 and report["pipeline"] == "stream"
+  assert report["input_images_per_s"] > 0 and report["input_first_batch_s"] > 0
+  assert "(folder" in proc.stdout and "2 workers" in proc.stdout
+  assert "leaked" not in proc.stderr and "Traceback" not in proc.stderr

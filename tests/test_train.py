@@ -7,6 +7,7 @@ compiles each step once.
 """
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -202,13 +203,17 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, uninterrupted):
 @pytest.mark.slow
 def test_stream_pipeline_trains_and_resumes_to_the_device_pipelines_result(tmp_path, uninterrupted):
   # The host reader picks the rows the device gather picks and the augmentation keys are the same, so
-  # a stream run, stopped mid-epoch and resumed, ends where the device pipeline's uninterrupted run ends.
+  # a stream run, stopped mid-epoch and resumed, ends where the device pipeline's uninterrupted run ends,
+  # whether grain worker processes read the batches (the first part) or threads (the second).
   _, reference = uninterrupted
   config = tiny_config()
   config.data.pipeline = "stream"
+  config.data.workers = 2
   workdir = tmp_path / "stream"
   with pytest.raises(train.Preempted, match=f"after step 30 of {STEPS}"):
     train.train_and_evaluate(config, str(workdir), preemption=StopAt(30))
+  assert multiprocessing.active_children() == []  # the stopped run joined its workers
+  config.data.workers = 0
   resumed = train.train_and_evaluate(config, str(workdir))
   assert int(resumed.step) == STEPS
   for got, want in zip(params_of(resumed), reference):

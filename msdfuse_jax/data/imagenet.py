@@ -26,7 +26,6 @@ and the centre 224x224 crop. Normalisation (ImageNet mean and std) runs in the c
 
 from __future__ import annotations
 
-import concurrent.futures
 import io
 import dataclasses
 import math
@@ -36,7 +35,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
-from msdfuse_jax.data import cifar, sources
+from msdfuse_jax.data import cifar, sources, threads
 from msdfuse_jax.data.sources import DataError
 
 # (mean, std) in [0, 1] units: torchvision's ImageNet constants, which every published model was trained with.
@@ -55,18 +54,6 @@ def _pil():
   except ImportError:  # pragma: no cover - Pillow is a dependency
     raise DataError("reading ImageNet needs Pillow: pip install pillow") from None
   return Image
-
-
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-  """The decoding threads (PIL releases the GIL while it decodes and resizes)."""
-  global _POOL
-  if _POOL is None:
-    _POOL = concurrent.futures.ThreadPoolExecutor(max(2, min(32, os.cpu_count() or 2)),
-                                                  thread_name_prefix="imagenet-decode")
-  return _POOL
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -205,7 +192,7 @@ class EvalImages:
     def load(i):
       out[i] = eval_transform(self.reader.open(int(self.indices[i])), self.image_size)
 
-    list(_pool().map(load, range(len(self))))
+    list(threads.pool().map(load, range(len(self))))
     return out if dtype is None else out.astype(dtype)
 
 
@@ -234,7 +221,7 @@ class TrainSource:
       rng = np.random.default_rng((self.seed, int(step), int(positions[i])))
       out[i] = train_transform(self.reader.open(int(self.rows[rows[i]])), rng, self.image_size)
 
-    list(_pool().map(load, range(len(rows))))
+    list(threads.pool().map(load, range(len(rows))))
     return {"image": out, "label": self.labels[rows]}
 
 

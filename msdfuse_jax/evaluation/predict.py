@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-from msdfuse_jax.data import augment
+from msdfuse_jax.data import augment, threads
 
 
 def make_predict_fn(model: Any, mean: Any, std: Any):
@@ -33,15 +32,23 @@ def predict_probs(model: Any, variables: Any, images: np.ndarray, mean: Any, std
   serves every batch) and the padding dropped.
   """
   predict = predict_fn or make_predict_fn(model, mean, std)
-  n = len(images)
-  if n == 0:
+  if len(images) == 0:
     raise ValueError("no images to evaluate")
-  batch_size = min(batch_size, n)
   outputs = []
+  # The next batches are decoded (ImageNet) in the background while the device computes this one.
+  for batch, real in threads.prefetched(host_batches(images, batch_size)):
+    outputs.append(np.asarray(predict(variables, batch))[:, :real])
+  return np.concatenate(outputs, axis=1)
+
+
+def host_batches(images: Any, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+  """`images` in batches of ``min(batch_size, len(images))`` as (uint8 batch, number of real images): the
+  last batch padded with copies of its last image."""
+  n = len(images)
+  batch_size = min(batch_size, n)
   for lo in range(0, n, batch_size):
     batch = np.asarray(images[lo:lo + batch_size])
     real = len(batch)
     if real < batch_size:
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
-    outputs.append(np.asarray(predict(variables, batch))[:, :real])
-  return np.concatenate(outputs, axis=1)
+    yield batch, real
