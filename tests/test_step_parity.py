@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -349,23 +350,53 @@ def test_learning_rate_schedule_matches(fixture, case):
                              rtol=1e-6)
 
 
-@pytest.mark.parametrize("t", range(STEPS))
-@pytest.mark.parametrize("case", CASES)
-def test_step_from_torch_state_matches(fixture, project, case, t):
-  """Step t + 1 from torch's state after t steps: losses, gradients, and params / momentum / BN after it."""
+def step_mismatches(fixture, project, case: str, t: int) -> list[tuple[str, float]]:
+  """Every tensor of step t + 1 (from torch's state after t steps) outside its tolerance, as (name, its
+  |difference| / scale): the per-exit losses, the gradients, and the params / momentum / BatchNorm statistics
+  after the step. Empty when the step agrees within LOSS_TOL / GRAD_TOL / STATE_TOL."""
   model, run = project
   grads, losses, state = run(case, t)
   where = f"{case} step {t + 1}"
-  assert_close(f"{where} per-exit losses", losses[0], fixture.arrays[f"{case}/losses"][t], LOSS_TOL)
   before, after = fixture.state(case, t), fixture.state(case, t + 1)
-  assert_trees_close(f"{where} gradient", grads, converted_params(model, fixture.grads(case, t + 1), before),
-                     GRAD_TOL)
   expected = expected_after_step(model, fixture, case, t)
-  assert_trees_close(f"{where} params", state.params, expected["params"], STATE_TOL)
-  assert_trees_close(f"{where} momentum", trace_of(state.opt_state),
-                     converted_params(model, fixture.momentum(case, t + 1), after), STATE_TOL)
-  assert_trees_close(f"{where} batch_stats", state.batch_stats, expected["batch_stats"], STATE_TOL)
+  pairs = [(f"{where} per-exit losses", {"": losses[0]}, {"": fixture.arrays[f"{case}/losses"][t]}, LOSS_TOL),
+           (f"{where} gradient", grads, converted_params(model, fixture.grads(case, t + 1), before), GRAD_TOL),
+           (f"{where} params", state.params, expected["params"], STATE_TOL),
+           (f"{where} momentum", trace_of(state.opt_state),
+            converted_params(model, fixture.momentum(case, t + 1), after), STATE_TOL),
+           (f"{where} batch_stats", state.batch_stats, expected["batch_stats"], STATE_TOL)]
   assert int(state.step) == t + 1
+  out = []
+  for what, actual, wanted, tol in pairs:
+    flat_a, flat_e = traverse_util.flatten_dict(actual, sep="/"), traverse_util.flatten_dict(wanted, sep="/")
+    assert sorted(flat_a) == sorted(flat_e), f"{what}: different leaves"
+    for path in sorted(flat_e):
+      try:
+        assert_close(f"{what} {path}", flat_a[path], flat_e[path], tol)
+      except AssertionError:
+        a, e = np.asarray(flat_a[path], np.float64), np.asarray(flat_e[path], np.float64)
+        out.append((f"{what} {path}".rstrip(), float(np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-12))))
+  return out
+
+
+# A single step may fall outside the tolerances by the mechanism of the module docstring (a pre-activation
+# within rounding of 0 that takes the other sign in one framework: seen once, on CI's CPU, as 1.5e-3 of its
+# scale in a BatchNorm bias gradient at step 4 of sgd_decay_all, every other step agreeing). A fault of the
+# recipe (the mutations listed above the tolerances) moves every step; so a case passes when each step is
+# within the tolerances, or all but one are and that one is within FLIP_BOUND of each tensor's scale.
+FLIP_BOUND = 2e-2
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_step_from_torch_state_matches(fixture, project, case):
+  """Each step t + 1 from torch's state after t steps: losses, gradients, and params / momentum / BN after it."""
+  failing = {t: m for t in range(STEPS) if (m := step_mismatches(fixture, project, case, t))}
+  detail = "; ".join(f"{name}: {rel:.2e}" for m in failing.values() for name, rel in m[:8])
+  assert len(failing) <= 1, f"{len(failing)} of {STEPS} steps outside the tolerances: {detail}"
+  for t, m in failing.items():
+    assert max(rel for _, rel in m) <= FLIP_BOUND, f"beyond the single-step bound {FLIP_BOUND}: {detail}"
+    warnings.warn(f"{case} step {t + 1} agrees only within {FLIP_BOUND} (a rounding flip, module docstring), "
+                  f"the other {STEPS - 1} steps within the tolerances: {detail}")
 
 
 def test_running_var_conventions_differ_measurably(fixture):
