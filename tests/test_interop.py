@@ -1,5 +1,9 @@
 """Importing MSDNet-PyTorch weights."""
 
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +11,9 @@ import pytest
 
 from msdfuse_jax import checkpoints, models, rundir
 from msdfuse_jax.interop import torch_msdnet
-from tests.conftest import shared_file
+from tests.conftest import REPO, shared_file, tool_command
+
+sys.path.insert(0, str(REPO / "experiments"))
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +137,119 @@ def test_training_checkpoints_are_unwrapped_and_what_is_not_weights_is_named(ref
   assert torch_msdnet.unwrap_checkpoint(state_dict) == (state_dict, [])
   with pytest.raises(torch_msdnet.ConversionError, match="expected a state_dict"):
     torch_msdnet.unwrap_checkpoint([1, 2])
+
+
+# ---- reading PyTorch files: weights only, unless --allow_pickle ---------------------------------------------
+
+CIFAR_CONFIG = f"--config={REPO / 'configs' / 'cifar.py'}:dataset=cifar10,model=msdnet_anytime7"
+
+
+def _import_cli(tmp_path, state_dict, *flags):
+  return subprocess.run(tool_command("import_torch_main", CIFAR_CONFIG, f"--state_dict={state_dict}",
+                                     f"--workdir={tmp_path / 'run'}", *flags),
+                        capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+
+
+def test_import_help_warns_that_allow_pickle_runs_the_files_code():
+  proc = subprocess.run(tool_command("import_torch_main", "--help"), capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert proc.returncode == 1 and not proc.stderr, proc.stderr  # absl's --help exits with status 1
+  help_text = " ".join(proc.stdout.split())
+  assert "--[no]allow_pickle: WARNING: unsafe." in help_text
+  assert "runs any code the file holds" in help_text
+
+
+def test_a_pytorch_file_without_torch_is_a_one_line_error(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  with pytest.raises(torch_msdnet.ConversionError, match=r"needs torch: `pip install torch`"):
+    torch_msdnet.load_state_dict_file(str(tmp_path / "model.pth"))
+
+
+@pytest.fixture(scope="module")
+def torch_checkpoints():
+  """The make_torch_checkpoints module (with torch) and the reference weights as torch tensors."""
+  pytest.importorskip("torch")
+  import make_torch_checkpoints  # pylint: disable=import-outside-toplevel
+  return make_torch_checkpoints, make_torch_checkpoints.reference_state_dict(
+      shared_file("reference", "msdnet_anytime_cifar10_seed0.npz"))
+
+
+@pytest.mark.parametrize("legacy_format", [False, True])
+def test_a_checkpoint_holding_code_is_refused_and_its_code_does_not_run(tmp_path, torch_checkpoints,
+                                                                        legacy_format):
+  import torch  # pylint: disable=import-outside-toplevel
+  make, state_dict = torch_checkpoints
+  marker = tmp_path / "marker"
+  path = tmp_path / "model.pth.tar"
+  # The legacy (pre-1.6, non-zip) format is what 2019 checkpoints such as MSDNet-PyTorch's were saved in.
+  torch.save(make.pickled_checkpoint(state_dict, str(marker)), path,
+             _use_new_zipfile_serialization=not legacy_format)
+  with pytest.raises(torch_msdnet.ConversionError) as refusal:
+    torch_msdnet.load_state_dict_file(str(path))
+  message = str(refusal.value)
+  assert "\n" not in message and "--allow_pickle" in message and "io.open" in message
+  assert not marker.exists()
+
+
+def test_a_file_that_is_no_pickle_is_a_one_line_error(tmp_path):
+  pytest.importorskip("torch")
+  path = tmp_path / "model.pth"
+  path.write_bytes(b"nonsense")
+  with pytest.raises(torch_msdnet.ConversionError, match=r"could not be read as a weights-only PyTorch file "
+                     r"\(Unsupported operand 110\).*--allow_pickle") as refusal:
+    torch_msdnet.load_state_dict_file(str(path))
+  assert "\n" not in str(refusal.value)
+
+
+def test_the_import_tool_refuses_a_checkpoint_holding_code_and_allow_pickle_opens_it(tmp_path,
+                                                                                      torch_checkpoints):
+  import torch  # pylint: disable=import-outside-toplevel
+  make, state_dict = torch_checkpoints
+  marker = tmp_path / "marker"
+  path = tmp_path / "model.pth.tar"
+  torch.save(make.pickled_checkpoint(state_dict, str(marker)), path)
+  refused = _import_cli(tmp_path, path)
+  assert refused.returncode == 2, refused.stderr
+  assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: "), refused.stderr
+  assert "--allow_pickle" in refused.stderr and "io.open" in refused.stderr
+  assert not marker.exists() and not (tmp_path / "run").exists()
+  # The same command with --allow_pickle unpickles the object (the marker appears) and imports the weights.
+  opened = _import_cli(tmp_path, path, "--allow_pickle")
+  assert opened.returncode == 0, opened.stderr
+  assert marker.exists()
+  assert "ignored what is not model weights: epoch, arch, best_prec1, optimizer, extra" in opened.stderr
+  assert checkpoints.load_variables(str(tmp_path / "run"))[1] == 0
+
+
+def test_the_originals_checkpoint_formats_import_weights_only(tmp_path, torch_checkpoints, reference):
+  import torch  # pylint: disable=import-outside-toplevel
+  make, state_dict = torch_checkpoints
+  _, images, logits = reference
+  model = models.build_model("msdnet_anytime7", 10)
+  for name, checkpoint in (("msdnet_pytorch", make.msdnet_pytorch_checkpoint(state_dict)),
+                           ("l2w_den", make.l2w_den_checkpoint(state_dict))):
+    path = tmp_path / f"{name}.pth.tar"
+    torch.save(checkpoint, path)
+    # Nothing of either format needs more than weights-only loading.
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
+    weights = torch_msdnet.load_state_dict_file(str(path))
+    out = np.stack(model.apply(torch_msdnet.convert_state_dict(model, weights), jnp.asarray(images),
+                               num_exits=2))
+    np.testing.assert_allclose(out, logits[:2], atol=1e-4, rtol=0)
+
+
+def test_make_torch_checkpoints_writes_both_formats(tmp_path):
+  pytest.importorskip("torch")
+  weights = shared_file("reference", "msdnet_anytime_cifar10_seed0.npz")
+  proc = subprocess.run([sys.executable, str(REPO / "experiments" / "make_torch_checkpoints.py"),
+                         f"--out={tmp_path}", f"--reference={weights}"], capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr
+  import torch  # pylint: disable=import-outside-toplevel
+  msdnet_pytorch = torch.load(tmp_path / "msdnet_pytorch.pth.tar", weights_only=True)
+  l2w_den = torch.load(tmp_path / "l2w_den.pth.tar", weights_only=True)
+  assert sorted(msdnet_pytorch) == ["arch", "best_prec1", "epoch", "optimizer", "state_dict"]
+  assert all(k.startswith("module.") for k in msdnet_pytorch["state_dict"])
+  assert sorted(l2w_den) == ["arch", "best_prec1", "epoch", "is_best", "meta_optimizer", "meta_state_dict",
+                             "optimizer", "state_dict"]
+  assert not any(k.startswith("module.") for k in l2w_den["state_dict"])
+  assert msdnet_pytorch["optimizer"]["state"] and l2w_den["meta_optimizer"]["state"]
