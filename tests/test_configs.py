@@ -100,12 +100,22 @@ def test_an_unknown_field_is_described_with_the_valid_fields_of_its_sub_dict():
   assert "config.train.batch_size is a int" in flags_util.describe_override_error(argv)
 
 
-@pytest.mark.parametrize("tool", ["train_main", "costs_main"])
+# Every tool that takes --config (defines it through flags_util.define_config_flag), found in its source so
+# that a new tool is tested too.
+CONFIG_TOOLS = sorted(path.stem for path in (REPO / "msdfuse_jax" / "tools").glob("*_main.py")
+                      if "flags_util.define_config_flag(" in path.read_text())
+
+
+def test_the_config_tools_are_found():
+  assert {"train_main", "costs_main", "bench_main", "import_torch_main"} <= set(CONFIG_TOOLS)
+
+
+@pytest.mark.parametrize("tool", CONFIG_TOOLS)
 def test_tools_report_an_unknown_field_in_one_line(tool, tmp_path):
   proc = subprocess.run([sys.executable, "-m", f"msdfuse_jax.tools.{tool}",
                          f"--config={CONFIG_FILE}:dataset=cifar10,model=msdnet_tiny",
-                         "--config.no_such_field=1", f"--workdir={tmp_path}"],
-                        capture_output=True, text=True, cwd=REPO, timeout=300)
+                         "--config.no_such_field=1"],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert lines[-1].startswith("error: unknown config field config.no_such_field; valid fields of config:")
