@@ -1,5 +1,6 @@
 """Importing MSDNet-PyTorch weights."""
 
+import functools
 import pathlib
 import subprocess
 import sys
@@ -15,6 +16,27 @@ from tests.conftest import REPO, shared_file, tool_command
 
 sys.path.insert(0, str(REPO / "experiments"))
 
+# How closely a converted model reproduces a reference's logits, in float32 units in the last place (ulps) of
+# the largest reference logit. Measured on the project's x86-64 CPU: 2 ulps for both references jitted, 2.5
+# eager at the suite's XLA optimisation level (3.0e-8 / 3.7e-8 for the CIFAR model, 3.4e-8 / 6.0e-8 for the
+# ImageNet one). Convolutions on a GPU or TPU sum in other orders (and use TF32 or bfloat16 passes unless
+# asked for float32): not measured here, so off the CPU only the old bound 1e-4 is asserted, at full precision.
+REPRODUCTION_ULPS = 4
+
+
+def assert_reproduces(out, logits):
+  bound = REPRODUCTION_ULPS * float(np.spacing(np.abs(logits).max().astype(np.float32)))
+  if jax.default_backend() != "cpu":
+    bound = max(bound, 1e-4)
+  np.testing.assert_allclose(out, logits, atol=bound, rtol=0)
+
+
+def apply_float32(model, variables, images, jit=False, **kwargs):
+  """The stacked logits of ``model.apply``, convolutions and matmuls in full float32 on every backend."""
+  apply = functools.partial(model.apply, **kwargs)
+  with jax.default_matmul_precision("float32"):
+    return np.stack((jax.jit(apply) if jit else apply)(variables, jnp.asarray(images)))
+
 
 @pytest.fixture(scope="module")
 def reference():
@@ -28,8 +50,8 @@ def test_converted_model_reproduces_reference_logits(reference):
   state_dict, images, logits = reference
   model = models.build_model("msdnet_anytime7", 10)
   variables = torch_msdnet.convert_state_dict(model, state_dict)
-  out = np.stack(model.apply(variables, jnp.asarray(images)))
-  np.testing.assert_allclose(out, logits, atol=1e-4, rtol=0)
+  out = apply_float32(model, variables, images)
+  assert_reproduces(out, logits)
 
 
 def test_missing_surplus_and_misshaped_keys_are_named(reference):
@@ -51,8 +73,8 @@ def test_dataparallel_prefix_and_step_counters_are_accepted(reference):
   prefixed = {f"module.{k}": v for k, v in state_dict.items()}
   model = models.build_model("msdnet_anytime7", 10)
   variables = torch_msdnet.convert_state_dict(model, prefixed)
-  out = np.stack(model.apply(variables, jnp.asarray(images), num_exits=2))
-  np.testing.assert_allclose(out, logits[:2], atol=1e-4, rtol=0)
+  out = apply_float32(model, variables, images, num_exits=2)
+  assert_reproduces(out, logits[:2])
 
 
 def _torch_style(model, variables):
@@ -102,8 +124,8 @@ def test_import_cli_writes_a_loadable_run(tmp_path, reference):
   variables, step = checkpoints.load_variables(str(workdir))
   assert step == 0
   model = models.from_config(loaded)
-  out = np.stack(model.apply(variables, jnp.asarray(images)))
-  np.testing.assert_allclose(out, logits, atol=1e-4, rtol=0)
+  out = apply_float32(model, variables, images)
+  assert_reproduces(out, logits)
 
 
 def test_converted_imagenet_model_reproduces_reference_logits():
@@ -114,9 +136,9 @@ def test_converted_imagenet_model_reproduces_reference_logits():
   model = models.build_model("msdnet_imagenet_tiny", 1000)
   variables = torch_msdnet.convert_state_dict(model, state_dict)
   images = jnp.asarray(np.transpose(data["input"], (0, 2, 3, 1)))
-  out = np.stack(jax.jit(model.apply)(variables, images))
+  out = apply_float32(model, variables, images, jit=True)
   assert out.shape == data["logits"].shape == (3, 2, 1000)
-  np.testing.assert_allclose(out, data["logits"], atol=1e-4, rtol=0)
+  assert_reproduces(out, data["logits"])
 
 
 def test_training_checkpoints_are_unwrapped_and_what_is_not_weights_is_named(reference):
@@ -131,9 +153,8 @@ def test_training_checkpoints_are_unwrapped_and_what_is_not_weights_is_named(ref
                             (l2w_den, ["optimizer", "meta_state_dict", "meta_optimizer"])):
     weights, ignored = torch_msdnet.unwrap_checkpoint(checkpoint)
     assert ignored == extra
-    out = np.stack(model.apply(torch_msdnet.convert_state_dict(model, weights), jnp.asarray(images),
-                               num_exits=1))
-    np.testing.assert_allclose(out, logits[:1], atol=1e-4, rtol=0)
+    out = apply_float32(model, torch_msdnet.convert_state_dict(model, weights), images, num_exits=1)
+    assert_reproduces(out, logits[:1])
   assert torch_msdnet.unwrap_checkpoint(state_dict) == (state_dict, [])
   with pytest.raises(torch_msdnet.ConversionError, match="expected a state_dict"):
     torch_msdnet.unwrap_checkpoint([1, 2])
@@ -233,9 +254,8 @@ def test_the_originals_checkpoint_formats_import_weights_only(tmp_path, torch_ch
     # Nothing of either format needs more than weights-only loading.
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
     weights = torch_msdnet.load_state_dict_file(str(path))
-    out = np.stack(model.apply(torch_msdnet.convert_state_dict(model, weights), jnp.asarray(images),
-                               num_exits=2))
-    np.testing.assert_allclose(out, logits[:2], atol=1e-4, rtol=0)
+    out = apply_float32(model, torch_msdnet.convert_state_dict(model, weights), images, num_exits=2)
+    assert_reproduces(out, logits[:2])
 
 
 def test_make_torch_checkpoints_writes_both_formats(tmp_path):
