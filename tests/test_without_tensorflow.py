@@ -104,6 +104,7 @@ def test_the_stream_pipeline_trains_without_tensorflow(no_tf_env, tmp_path):
                   "--config.train.checkpoint_every_steps=3", f"--workdir={workdir}", env=no_tf_env, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3"], os.listdir(workdir / "checkpoints")
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir)), os.listdir(workdir)
 
 
 def test_the_tfds_source_without_tensorflow_says_what_to_install(no_tf_env, tmp_path):
