@@ -1,8 +1,9 @@
 """Writes, with torch, training checkpoints in the formats of the two original code bases.
 
-`msdfuse-import-torch` reads them with ``torch.load(..., weights_only=True)``; tests/test_interop.py makes them
-with the functions below (torch installed) and imports them. The model weights are those of the reference
-MSDNet anytime-7 CIFAR-10 model (../shared/reference/msdnet_anytime_cifar10_seed0.npz), as torch tensors.
+`msdfuse-import-torch` reads them with ``torch.load(..., weights_only=True)``; tests/test_interop.py makes
+them with the functions below (torch installed) and imports them. The model weights are those of the
+reference MSDNet anytime-7 CIFAR-10 model (../shared/reference/msdnet_anytime_cifar10_seed0.npz), as torch
+tensors.
 
 * MSDNet-PyTorch (kalviny/MSDNet-PyTorch at f654595, ``main.py``): the model is wrapped in
   ``nn.DataParallel`` and every epoch saves ``{"epoch", "arch", "state_dict": model.state_dict(),
@@ -39,9 +40,10 @@ BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def reference_state_dict(path: pathlib.Path = REFERENCE) -> "OrderedDict[str, torch.Tensor]":
-  """The reference model's state_dict as torch tensors, in the file's order (its ``input``/``logits`` left out)."""
+  """The reference model's state_dict as torch tensors, in the file's order (without ``input``/``logits``)."""
   with np.load(path) as data:
-    return OrderedDict((k, torch.from_numpy(data[k].copy())) for k in data.files if k not in ("input", "logits"))
+    return OrderedDict((k, torch.from_numpy(data[k].copy()))
+                       for k in data.files if k not in ("input", "logits"))
 
 
 def _stepped_optimizer_state(tensors: list[torch.Tensor], make_optimizer) -> dict:

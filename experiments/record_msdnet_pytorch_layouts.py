@@ -9,7 +9,8 @@ reference's order) and the eval-mode logits of all exits for a fixed input, with
 `fill_weights` (numpy only, so that the test makes the same weights without torch). The test converts those
 weights and compares the logits, which also catches two same-shaped tensors swapped by the mapping.
 
-  /work/venv_torch/bin/python experiments/record_msdnet_pytorch_layouts.py --msdnet_pytorch=/tmp/MSDNet-PyTorch
+  git clone https://github.com/kalviny/MSDNet-PyTorch /tmp/MSDNet-PyTorch   # f654595
+  python experiments/record_msdnet_pytorch_layouts.py --msdnet_pytorch=/tmp/MSDNet-PyTorch  # with torch
 
 The checked-in fixture was made with kalviny/MSDNet-PyTorch at f654595 and torch 2.13.0 (CPU build, x86-64).
 Keys, for each case name C: ``C/names`` (str array), ``C/shapes`` (a JSON string: a list of shapes),

@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 # the largest reference logit. Measured on the project's x86-64 CPU: 2 ulps for both references jitted, 2.5
 # eager at the suite's XLA optimisation level (3.0e-8 / 3.7e-8 for the CIFAR model, 3.4e-8 / 6.0e-8 for the
 # ImageNet one). Convolutions on a GPU or TPU sum in other orders (and use TF32 or bfloat16 passes unless
-# asked for float32): not measured here, so off the CPU only the old bound 1e-4 is asserted, at full precision.
+# asked for float32): not measured here, so off the CPU only the old bound 1e-4 is asserted, in float32.
 REPRODUCTION_ULPS = 4
 
 
@@ -172,7 +172,7 @@ def test_training_checkpoints_are_unwrapped_and_what_is_not_weights_is_named(ref
     torch_msdnet.unwrap_checkpoint([1, 2])
 
 
-# ---- reading PyTorch files: weights only, unless --allow_pickle ---------------------------------------------
+# ---- reading PyTorch files: weights only, unless --allow_pickle -------------------------------------------
 
 CIFAR_CONFIG = f"--config={REPO / 'configs' / 'cifar.py'}:dataset=cifar10,model=msdnet_anytime7"
 
@@ -274,7 +274,8 @@ def test_make_torch_checkpoints_writes_both_formats(tmp_path):
   pytest.importorskip("torch")
   weights = shared_file("reference", "msdnet_anytime_cifar10_seed0.npz")
   proc = subprocess.run([sys.executable, str(REPO / "experiments" / "make_torch_checkpoints.py"),
-                         f"--out={tmp_path}", f"--reference={weights}"], capture_output=True, text=True, timeout=120, check=False)
+                         f"--out={tmp_path}", f"--reference={weights}"],
+                        capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr
   import torch  # pylint: disable=import-outside-toplevel
   msdnet_pytorch = torch.load(tmp_path / "msdnet_pytorch.pth.tar", weights_only=True)

@@ -101,7 +101,8 @@ def test_the_stream_pipeline_trains_without_tensorflow(no_tf_env, tmp_path):
   proc = run_tool("train_main", TINY, "--config.data.pipeline=stream", "--config.data.source=archive",
                   f"--config.data.path={shared_file('data', 'cifar-10-python-subset.tar.gz')}",
                   "--config.train.num_steps=3", "--config.train.eval_every_steps=1000",
-                  "--config.train.checkpoint_every_steps=3", f"--workdir={workdir}", env=no_tf_env, cwd=tmp_path)
+                  "--config.train.checkpoint_every_steps=3", f"--workdir={workdir}", env=no_tf_env,
+                  cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3"], os.listdir(workdir / "checkpoints")
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir)), os.listdir(workdir)

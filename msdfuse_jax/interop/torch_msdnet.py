@@ -224,10 +224,11 @@ def _load_weights_only(torch, path: str) -> Any:
         "could run code from the file, so it was not loaded; pass --allow_pickle (allow_pickle=True) to "
         "load it anyway, only if you trust where the file came from") from None
   detail = re.findall(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", reason, flags=re.S)
+  detail = detail[0].strip() if detail else "unreadable"
   raise ConversionError(
-      f"{path} could not be read as a weights-only PyTorch file ({detail[0].strip() if detail else 'unreadable'}"
-      "); if it is a PyTorch file you trust, --allow_pickle (allow_pickle=True) reads it with full "
-      "unpickling, which runs any code it holds") from None
+      f"{path} could not be read as a weights-only PyTorch file ({detail}); if it is a PyTorch file you "
+      "trust, --allow_pickle (allow_pickle=True) reads it with full unpickling, which runs any code it "
+      "holds") from None
 
 
 def unwrap_checkpoint(obj: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
