@@ -224,7 +224,7 @@ def test_a_checkpoint_holding_code_is_refused_and_its_code_does_not_run(tmp_path
   assert not marker.exists()
 
 
-def test_a_file_that_is_no_pickle_is_a_one_line_error(tmp_path):
+def test_a_file_that_is_no_pytorch_file_is_a_one_line_error(tmp_path):
   pytest.importorskip("torch")
   path = tmp_path / "model.pth"
   path.write_bytes(b"nonsense")
@@ -232,6 +232,12 @@ def test_a_file_that_is_no_pickle_is_a_one_line_error(tmp_path):
                      r"\(Unsupported operand 110\).*--allow_pickle") as refusal:
     torch_msdnet.load_state_dict_file(str(path))
   assert "\n" not in str(refusal.value)
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.save({"w": torch.zeros(3)}, path)
+  path.write_bytes(path.read_bytes()[:100])  # a truncated download
+  with pytest.raises(torch_msdnet.ConversionError, match=r"model\.pth is not a readable PyTorch file "
+                     r"\(PytorchStreamReader failed reading zip archive.*\): download it again$"):
+    torch_msdnet.load_state_dict_file(str(path))
 
 
 def test_the_import_tool_refuses_a_checkpoint_holding_code_and_allow_pickle_opens_it(tmp_path,

@@ -207,6 +207,9 @@ def _load_weights_only(torch, path: str) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     reason = str(e)
+  except RuntimeError as e:  # a zip archive that is truncated or corrupt
+    raise ConversionError(f"{path} is not a readable PyTorch file ({str(e).split('. ')[0]}): download it "
+                          "again") from None
   # Name what the file needs: torch lists a zip checkpoint's globals without running anything; for the
   # legacy format its error message names the first one.
   names: list[str] = []
