@@ -58,13 +58,13 @@ def check_platforms(platforms: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def check_folding(model: Any, variables: Any, folded: folding.FoldedModel, images: np.ndarray) -> float:
-  """Largest |folded - unfolded| logit over every exit on `images` (model inputs); ValueError above
-  `FOLD_TOLERANCE`."""
+  """Largest |folded - unfolded| logit over every exit on `images` (model inputs); `serving.ExportError`
+  above `FOLD_TOLERANCE`."""
   plain = jax.jit(lambda x: model.apply(variables, x))(images)
   fold = jax.jit(folded.apply)(images)
   error = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(plain, fold))
   if not error <= FOLD_TOLERANCE:
-    raise ValueError(f"folding BatchNorm changed the logits by {error:.3g} (> {FOLD_TOLERANCE}): this "
+    raise serving.ExportError(f"folding BatchNorm changed the logits by {error:.3g} (> {FOLD_TOLERANCE}): this "
                      "model has a convolution whose output is also read without its BatchNorm; please "
                      "report it")
   return error

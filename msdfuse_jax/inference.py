@@ -173,10 +173,10 @@ def fit_budget(config: Any, model: Any, variables: Any, data: Any, p: int | None
 
 
 def check_export_matches(manifest: dict, config: Any, export_dir: str) -> None:
-  """ValueError unless the export in `export_dir` was made from a run of this model and dataset."""
+  """`serving.ExportError` unless the export in `export_dir` was made from a run of this model and dataset."""
   for key, value in (("model", config.model.name), ("dataset", config.dataset)):
     if manifest.get(key) != value:
-      raise ValueError(f"{export_dir}/manifest.json is an export of {key} {manifest.get(key)!r}, but the run "
+      raise serving.ExportError(f"{export_dir}/manifest.json is an export of {key} {manifest.get(key)!r}, but the run "
                        f"is {key} {value!r}: give the --workdir it was exported from")
 
 

@@ -1,6 +1,7 @@
 """configs/cifar.py and configs/imagenet.py: presets, runlocal, recipes, overrides through the real flag
 parser, errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,14 +19,69 @@ from tests.conftest import REPO, shared_file
 CONFIG_FILE = str(REPO / "configs" / "cifar.py")
 
 
+# The published hyper-parameters of the presets that have them, written out from ../shared/SPEC.md (which
+# cites the sources), with the number of exits: the configs and models are checked against these literals,
+# not against the preset table they are built from.
+_MSDNET = dict(growth_rate=6, gr_factor=(1, 2, 4), bn_factor=(1, 2, 4), prune="max", reduction=0.5,
+               bottleneck=True, stem="msdnet", fusion=False, head="msdnet", head_width=128, activation="relu",
+               imagenet=False)  # SPEC 2: MSDNet (CIFAR), its classifier 128 wide, ReLU
+_MSDNET_IMAGENET = dict(_MSDNET, n_blocks=5, step_mode="even", base=4, n_channels=32, growth_rate=16,
+                        gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4), imagenet=True)  # SPEC 9.1
+PUBLISHED = {
+    # SPEC 2, the table of named CIFAR configurations: (hyper-parameters, exits).
+    "msdnet_anytime7": (dict(_MSDNET, n_blocks=7, step_mode="even", step=2, base=4, n_channels=16), 7),
+    "msdnet_budget5": (dict(_MSDNET, n_blocks=5, step_mode="lin_grow", step=1, base=1, n_channels=16), 5),
+    "msdnet_anytime10": (dict(_MSDNET, n_blocks=10, step_mode="even", step=2, base=4, n_channels=16), 10),
+    "msdnet_budget7": (dict(_MSDNET, n_blocks=7, step_mode="lin_grow", step=1, base=1, n_channels=16), 7),
+    # SPEC 9.1: the MSDNet-PyTorch README's ImageNet command (step 4) and L2W-DEN's step 6 and 7 models.
+    "msdnet_imagenet_step4": (dict(_MSDNET_IMAGENET, step=4), 5),
+    "msdnet_imagenet_step6": (dict(_MSDNET_IMAGENET, step=6), 5),
+    "msdnet_imagenet_step7": (dict(_MSDNET_IMAGENET, step=7), 5),
+    # SPEC 3: the paper's switches and the authors' code (GELU, no pointwise after the stride-2 depthwise
+    # conv, 128-wide head); its widths are not published (calibrated to the paper's costs in test_costs.py).
+    "msdfuse": (dict(stem="efficient", stem_pointwise=False, fusion=True, fused_transition=True,
+                     head="msdfuse", head_width=128, activation="gelu", gr_factor=(1, 2, 4),
+                     bn_factor=(1, 2, 4), prune="max", reduction=0.5, bottleneck=True, imagenet=False), None),
+    # SPEC 4: RANet's train_cifar.sh, 8 exits.
+    "ranet_cifar": (dict(step=4, step_mode="even", scale_list=(1, 2, 3, 3), gr_factor=(4, 2, 1, 1),
+                         bn_factor=(4, 2, 1, 1), n_channels=16, growth_rate=6, compress_factor=0.25,
+                         reduction=0.5), 8),
+    # SPEC 4: a 62-layer CIFAR ResNet (6 x 10 + 2) and a DenseNet-BC of 3 dense blocks x 16 layers.
+    "resnet_mc": (dict(blocks_per_stage=10), None),
+    "densenet_mc": (dict(n_blocks=3, layers_per_block=16), None),
+}
+# Presets with nothing published to compare with: the tiny test variants, and widths of our own choosing.
+UNPUBLISHED = {"msdnet_tiny", "msdfuse_tiny", "ranet_tiny", "resnet_mc_tiny", "densenet_mc_tiny",
+               "msdnet_imagenet_tiny", "msdfuse_imagenet_tiny", "msdfuse_imagenet", "ranet_readme"}
+
+
+def test_every_preset_is_either_published_or_listed_as_ours():
+  assert sorted(PUBLISHED.keys() | UNPUBLISHED) == models.preset_names()
+  assert not PUBLISHED.keys() & UNPUBLISHED
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_presets_have_the_published_hyper_parameters(name):
+  hparams, exits = PUBLISHED[name]
+  config = cifar.get_config(f"dataset=cifar100,model={name}")
+  model = models.from_config(config)
+  assert {k: config.model[k] for k in hparams} == hparams
+  assert {k: getattr(model, k) for k in hparams} == hparams
+  if exits is not None:
+    assert model.num_exits == exits
+
+
 @pytest.mark.parametrize("name", models.preset_names())
 def test_every_preset_builds_from_its_config_with_every_hyper_parameter(name):
   config = cifar.get_config(f"dataset=cifar100,model={name}")
   model = models.from_config(config)
   assert model.num_classes == 100
-  # The config spells out every hyper-parameter of the preset, so that each one can be overridden.
+  # The config spells out every hyper-parameter of the model's class (so that each one can be overridden),
+  # and the model built from it has the config's values.
   fields = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "dtype")}
-  assert fields == models.preset_hparams(name)
+  hyper_parameters = {f.name for f in dataclasses.fields(type(model))} - {"num_classes", "dtype", "parent",
+                                                                          "name"}
+  assert set(fields) == hyper_parameters
   assert all(getattr(model, k) == v for k, v in fields.items())
 
 
@@ -100,12 +156,22 @@ def test_an_unknown_field_is_described_with_the_valid_fields_of_its_sub_dict():
   assert "config.train.batch_size is a int" in flags_util.describe_override_error(argv)
 
 
-@pytest.mark.parametrize("tool", ["train_main", "costs_main"])
+# Every tool that takes --config (defines it through flags_util.define_config_flag), found in its source so
+# that a new tool is tested too.
+CONFIG_TOOLS = sorted(path.stem for path in (REPO / "msdfuse_jax" / "tools").glob("*_main.py")
+                      if "flags_util.define_config_flag(" in path.read_text())
+
+
+def test_the_config_tools_are_found():
+  assert {"train_main", "costs_main", "bench_main", "import_torch_main"} <= set(CONFIG_TOOLS)
+
+
+@pytest.mark.parametrize("tool", CONFIG_TOOLS)
 def test_tools_report_an_unknown_field_in_one_line(tool, tmp_path):
   proc = subprocess.run([sys.executable, "-m", f"msdfuse_jax.tools.{tool}",
                          f"--config={CONFIG_FILE}:dataset=cifar10,model=msdnet_tiny",
-                         "--config.no_such_field=1", f"--workdir={tmp_path}"],
-                        capture_output=True, text=True, cwd=REPO, timeout=300)
+                         "--config.no_such_field=1"],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert lines[-1].startswith("error: unknown config field config.no_such_field; valid fields of config:")

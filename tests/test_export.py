@@ -188,8 +188,38 @@ def test_export_for_other_platforms_from_this_machine(tmp_path):
 
 def test_a_manifest_of_another_model_is_refused():
   config = evaluate_tests.cifar.get_config("dataset=cifar10,model=msdnet_tiny,runlocal")
-  with pytest.raises(ValueError, match="export of model 'msdfuse_tiny', but the run is model 'msdnet_tiny'"):
+  with pytest.raises(serving.ExportError,
+                     match="export of model 'msdfuse_tiny', but the run is model 'msdnet_tiny'"):
     inference.check_export_matches({"model": "msdfuse_tiny", "dataset": "cifar10"}, config, "/x")
+  with pytest.raises(serving.ExportError,
+                     match="export of dataset 'cifar100', but the run is dataset 'cifar10'"):
+    inference.check_export_matches({"model": "msdnet_tiny", "dataset": "cifar100"}, config, "/x")
+  inference.check_export_matches({"model": "msdnet_tiny", "dataset": "cifar10"}, config, "/x")
+
+
+def _folding_off_by(offset):
+  """A FoldedModel whose every logit is `offset` away from the model's: a folding gone wrong."""
+  class OffFolding(folding.FoldedModel):
+    def apply(self, *args, **kwargs):
+      return tuple(logits + offset for logits in super().apply(*args, **kwargs))
+  return OffFolding
+
+
+def test_the_export_refuses_a_folding_that_changes_the_logits(tmp_path, monkeypatch):
+  model = models.build_model("msdnet_tiny", 10)
+  variables = _trained_like(model, 32)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  # Within the tolerance the check returns the change; above it, the export stops before writing anything.
+  near = _folding_off_by(exporting.FOLD_TOLERANCE / 2)(model, variables, images)
+  assert exporting.FOLD_TOLERANCE / 4 < exporting.check_folding(model, variables, near, images) \
+      <= exporting.FOLD_TOLERANCE
+  monkeypatch.setattr(folding, "FoldedModel", _folding_off_by(2 * exporting.FOLD_TOLERANCE))
+  out = tmp_path / "export"
+  with pytest.raises(serving.ExportError,
+                     match=r"folding BatchNorm changed the logits by 0\.002 \(> 0\.001\)"):
+    exporting.export_model(model, variables, inference_tests.MEAN, inference_tests.STD, (32, 32, 3), str(out),
+                           [0.5, 0.5, -1e8], batch_size=4, num_buckets=1)
+  assert not out.exists()
 
 
 @pytest.fixture(scope="module")

@@ -96,8 +96,8 @@ def test_folder_source_labels_splits_and_lazy_images(tmp_path):
   assert len(data.val_images) == 2 and len(data.train_images) == 22 and len(data.test_images) == 9
   assert sorted(np.concatenate([data.train_images.indices, data.val_indices]).tolist()) == list(range(24))
   np.testing.assert_array_equal(data.test_labels, np.repeat([0, 1, 2], 3))
-  np.testing.assert_allclose(data.mean, [0.485, 0.456, 0.406]) and np.testing.assert_allclose(
-      data.std, [0.229, 0.224, 0.225])
+  np.testing.assert_allclose(data.mean, [0.485, 0.456, 0.406])
+  np.testing.assert_allclose(data.std, [0.229, 0.224, 0.225])
   saved = json.loads((tmp_path / "run" / "val_split.json").read_text())
   assert saved["dataset"] == "imagenet2012/folder" and saved["val_indices"] == data.val_indices.tolist()
   again = data_lib.load("imagenet2012", folder_cfg(root, split_seed=5), str(tmp_path / "run"))

@@ -1,5 +1,5 @@
 """The tools on a machine without TensorFlow (a typical GPU/TPU image): TensorFlow is needed only by the
-`tfds` data source, and training still writes TensorBoard events."""
+`tfds` data source; training (both pipelines) still writes TensorBoard events, and msdfuse-costs runs."""
 
 import json
 import os
@@ -80,6 +80,32 @@ def test_train_eval_export_infer_and_bench_run_without_tensorflow(no_tf_env, tmp
                   "--compilation_cache", f"--json={out}", env=no_tf_env, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads(out.read_text())["train_images_per_s"] > 0
+
+
+TINY = f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=msdnet_tiny,runlocal"
+
+
+def test_costs_run_without_tensorflow(no_tf_env, tmp_path):
+  out = tmp_path / "costs.json"
+  proc = run_tool("costs_main", TINY, f"--json={out}", env=no_tf_env, cwd=tmp_path)  # XLA counts too
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert [e["exit"] for e in report["exits"]] == [1, 2, 3]
+  assert all(e["op_counter"] > 0 and e["xla_flops"] > 0 for e in report["exits"])
+
+
+@pytest.mark.slow
+def test_the_stream_pipeline_trains_without_tensorflow(no_tf_env, tmp_path):
+  # The stream pipeline (grain on the host) with the archive source: three steps, a checkpoint at step 3.
+  workdir = tmp_path / "run"
+  proc = run_tool("train_main", TINY, "--config.data.pipeline=stream", "--config.data.source=archive",
+                  f"--config.data.path={shared_file('data', 'cifar-10-python-subset.tar.gz')}",
+                  "--config.train.num_steps=3", "--config.train.eval_every_steps=1000",
+                  "--config.train.checkpoint_every_steps=3", f"--workdir={workdir}", env=no_tf_env,
+                  cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3"], os.listdir(workdir / "checkpoints")
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir)), os.listdir(workdir)
 
 
 def test_the_tfds_source_without_tensorflow_says_what_to_install(no_tf_env, tmp_path):

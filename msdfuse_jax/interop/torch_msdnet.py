@@ -15,6 +15,8 @@ scale 1 is ``blocks.0.0.layers.0.{0: conv with bias, 1: bn}`` and the classifier
 
 from __future__ import annotations
 
+import pickle
+import re
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -159,12 +161,25 @@ def convert_state_dict(model: MSDNet, state_dict: Mapping[str, Any]) -> dict[str
           for coll, leaves in flat.items()}
 
 
-def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
+def load_state_dict_file(path: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   """Reads a state_dict from ``.npz`` (names -> arrays) or, when torch is installed, a PyTorch file
   (``.pth``, ``.pt``, ``.pth.tar``).
 
+  A PyTorch file is read with ``torch.load(..., weights_only=True)``: tensors, numbers, strings and plain
+  containers only, which is all that MSDNet-PyTorch's and L2W-DEN's checkpoints hold. A file that needs more
+  (any other Python object) is refused before anything in it runs, since unpickling such an object can run
+  code of the file's author.
+
   A training checkpoint (a dict holding ``state_dict``) is unwrapped (`unwrap_checkpoint`); what is not model
   weights is ignored, with one warning line naming it.
+
+  Args:
+    path: the file.
+    allow_pickle: read a PyTorch file with full unpickling (``weights_only=False``), which runs whatever code
+      the file holds: only for a file whose origin is trusted.
+
+  Raises:
+    ConversionError: torch missing for a PyTorch file, or a file that weights-only loading refuses.
   """
   if path.endswith(".npz"):
     with np.load(path) as data:
@@ -174,12 +189,49 @@ def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
   except ImportError:
     raise ConversionError(f"{path} is a PyTorch file, which needs torch: `pip install torch`, or save "
                           "the state_dict as .npz ({name: tensor.numpy()}) and pass that") from None
-  obj = torch.load(path, map_location="cpu", weights_only=False)
+  if allow_pickle:
+    logging.warning("%s: loading with full unpickling (--allow_pickle): code in the file runs", path)
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+  else:
+    obj = _load_weights_only(torch, path)
   weights, ignored = unwrap_checkpoint(obj)
   if ignored:
     logging.warning("%s: ignored what is not model weights: %s", path, ", ".join(ignored))
   return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
           for k, v in weights.items()}
+
+
+def _load_weights_only(torch, path: str) -> Any:
+  """``torch.load`` restricted to tensors and plain data; a refusal becomes one ConversionError line."""
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    reason = str(e)
+  except RuntimeError as e:  # a zip archive that is truncated or corrupt
+    raise ConversionError(f"{path} is not a readable PyTorch file ({str(e).split('. ')[0]}): download it "
+                          "again") from None
+  # Name what the file needs: torch lists a zip checkpoint's globals without running anything; for the
+  # legacy format its error message names the first one.
+  names: list[str] = []
+  find_globals = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+  if find_globals is not None:
+    try:
+      names = list(find_globals(path))
+    except Exception:  # pylint: disable=broad-except - the legacy (non-zip) format is not supported there
+      names = []
+  if not names:
+    names = re.findall(r"Unsupported global: GLOBAL (\S+)", reason)
+  if names:
+    raise ConversionError(
+        f"{path} holds Python objects beyond tensors and plain data ({', '.join(names)}), and loading them "
+        "could run code from the file, so it was not loaded; pass --allow_pickle (allow_pickle=True) to "
+        "load it anyway, only if you trust where the file came from") from None
+  detail = re.findall(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", reason, flags=re.S)
+  detail = detail[0].strip() if detail else "unreadable"
+  raise ConversionError(
+      f"{path} could not be read as a weights-only PyTorch file ({detail}); if it is a PyTorch file you "
+      "trust, --allow_pickle (allow_pickle=True) reads it with full unpickling, which runs any code it "
+      "holds") from None
 
 
 def unwrap_checkpoint(obj: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -204,10 +256,13 @@ def unwrap_checkpoint(obj: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]
 NON_WEIGHT_KEYS = ("input", "logits")
 
 
-def import_weights(config, state_dict_path: str, workdir: str) -> str:
-  """Converts the weights at `state_dict_path` for `config`'s model into a run at `workdir`."""
+def import_weights(config, state_dict_path: str, workdir: str, allow_pickle: bool = False) -> str:
+  """Converts the weights at `state_dict_path` for `config`'s model into a run at `workdir`.
+
+  `allow_pickle` as in `load_state_dict_file`: False refuses a PyTorch file that holds more than weights.
+  """
   model = models.from_config(config, dtype="float32")
-  state_dict = load_state_dict_file(state_dict_path)
+  state_dict = load_state_dict_file(state_dict_path, allow_pickle=allow_pickle)
   for key in NON_WEIGHT_KEYS:
     state_dict.pop(key, None)
   variables = convert_state_dict(model, state_dict)

@@ -4,7 +4,9 @@
       --state_dict=msdnet.npz --workdir=/tmp/imported
 
 ``--state_dict`` is a ``.npz`` of state_dict names -> arrays, or (with torch installed) a ``.pth``/``.pt``
-state_dict or MSDNet-PyTorch checkpoint. The workdir then holds ``config.json`` and a step-0 checkpoint,
+state_dict or MSDNet-PyTorch / L2W-DEN checkpoint. A PyTorch file is read weights-only (tensors, numbers,
+strings, containers); one that holds other Python objects is refused unless ``--allow_pickle`` is given, since
+unpickling those runs code from the file. The workdir then holds ``config.json`` and a step-0 checkpoint,
 which `msdfuse-eval`, `msdfuse-infer` and `msdfuse-train` (as initial weights) load like a trained run.
 """
 
@@ -18,6 +20,10 @@ from msdfuse_jax.tools import flags_util
 flags_util.define_config_flag()
 flags.DEFINE_string("state_dict", None, "The PyTorch weights: .npz, or .pth/.pt when torch is installed.")
 flags.DEFINE_string("workdir", None, "Directory to create the run in.")
+flags.DEFINE_bool("allow_pickle", False,
+                  "WARNING: unsafe. Read a .pth/.pt file with full unpickling (torch.load weights_only=False), "
+                  "which runs any code the file holds. Without it a file holding more than tensors and plain "
+                  "data is refused. Only for a file whose origin you trust.")
 FLAGS = flags.FLAGS
 
 def main(argv) -> None:
@@ -27,7 +33,8 @@ def main(argv) -> None:
       flags_util.fail(f"--{name} is required")
   flags_util.quiet_library_logs()
   try:
-    where = torch_msdnet.import_weights(FLAGS.config, FLAGS.state_dict, FLAGS.workdir)
+    where = torch_msdnet.import_weights(FLAGS.config, FLAGS.state_dict, FLAGS.workdir,
+                                         allow_pickle=FLAGS.allow_pickle)
   except (ValueError, FileNotFoundError) as e:
     flags_util.fail(str(e))
   print(f"imported {FLAGS.state_dict} into {where}")
