@@ -9,6 +9,8 @@ from msdfuse_jax import checkpoints, models, rundir
 from msdfuse_jax.interop import torch_msdnet
 from tests.conftest import shared_file
 
+pytestmark = pytest.mark.cpu_exact  # the converted model's logits against torch's CPU logits
+
 
 @pytest.fixture(scope="module")
 def reference():
