@@ -51,7 +51,7 @@ SMOKE = dict(bench_models=("msdnet_tiny", "msdfuse_tiny"), bench_batch=4, bench_
              train_model="msdfuse_tiny", train_steps=5, costs_model="msdfuse_tiny", infer_batch=32,
              tests=["tests/test_inference.py::test_bucket_sizes",
                     "tests/test_inference.py::test_wrong_number_of_thresholds"],
-             budgets={"device": 5, "bench": 20, "train": 15, "costs": 12, "infer": 50, "tests": 12})
+             budgets={"device": 8, "bench": 19, "train": 15, "costs": 12, "infer": 50, "tests": 12})
 DTYPES = ("float32", "bfloat16")
 TEST_TIER = "not slow and not cpu_exact"
 
