@@ -252,13 +252,15 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
     sim_preds, sim_exits = runner.simulate(test_images, thresholds)
     simulation = "the export's programs, every stage on every image"
     check_precision = timing_precision = manifest.get("matmul_precision", {}).get("programs", "default")
-  runner.warmup(test_images)
-  result = min((runner.run(test_images, thresholds) for _ in range(repeats)),
-               key=lambda r: r.seconds)
-  every_exit, last_exit = full_network_fns(model, preprocess)
-  t_full = time_batches(every_exit, variables, test_images, batch_size, repeats)
-  t_last = time_batches(last_exit, variables, test_images, batch_size, repeats)
-  stage_seconds = runner.stage_seconds(test_images, repeats)
+  # At the precision infer.json records, whatever the caller's (an export's programs keep their own).
+  with jax.default_matmul_precision(TIMING_PRECISION):
+    runner.warmup(test_images)
+    result = min((runner.run(test_images, thresholds) for _ in range(repeats)),
+                 key=lambda r: r.seconds)
+    every_exit, last_exit = full_network_fns(model, preprocess)
+    t_full = time_batches(every_exit, variables, test_images, batch_size, repeats)
+    t_last = time_batches(last_exit, variables, test_images, batch_size, repeats)
+    stage_seconds = runner.stage_seconds(test_images, repeats)
 
   n = len(test_images)
   counts = np.bincount(checked.exits - 1, minlength=model.num_exits)
