@@ -11,7 +11,8 @@ An export directory holds, for one budget (the thresholds fitted on the run's va
 
 The programs hold their weights as constants, with BatchNorm folded into the convolutions
 (`msdfuse_jax.folding`); the export refuses to write programs whose logits differ from the unfolded
-model's by more than `FOLD_TOLERANCE` on the validation images.
+model's by more than `FOLD_TOLERANCE` on the validation images, both computed at `CHECK_PRECISION`
+(``manifest["matmul_precision"]`` says at what precision each figure was taken).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from msdfuse_jax.data import augment, sources
 from msdfuse_jax.evaluation import evaluate
 
 FOLD_TOLERANCE = 1e-3  # largest |folded - unfolded| logit the export accepts (float32 gives ~1e-6)
+CHECK_PRECISION = "highest"  # jax.default_matmul_precision of the folding check
+PROGRAM_PRECISION = "default"  # the exported programs': the backend's own (TF32 on recent GPUs, TPU passes)
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
@@ -57,16 +60,23 @@ def check_platforms(platforms: Sequence[str] | None) -> tuple[str, ...]:
   return tuple(dict.fromkeys(platforms))
 
 
-def check_folding(model: Any, variables: Any, folded: folding.FoldedModel, images: np.ndarray) -> float:
+def check_folding(model: Any, variables: Any, folded: folding.FoldedModel, images: Any) -> float:
   """Largest |folded - unfolded| logit over every exit on `images` (model inputs); `serving.ExportError`
-  above `FOLD_TOLERANCE`."""
-  plain = jax.jit(lambda x: model.apply(variables, x))(images)
-  fold = jax.jit(folded.apply)(images)
-  error = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(plain, fold))
+  above `FOLD_TOLERANCE`.
+
+  Both sides run at `CHECK_PRECISION`: at the backend's default precision a GPU computes float32
+  convolutions as TF32 and a TPU as bfloat16 passes, whose rounding (1e-3 relative) would hide a real
+  folding error or refuse a correct export; at "highest" both are float32 computations and differ by
+  float32 rounding only.
+  """
+  with jax.default_matmul_precision(CHECK_PRECISION):
+    change = jax.jit(lambda x: jnp.stack([jnp.max(jnp.abs(a - b)) for a, b in
+                                          zip(model.apply(variables, x), folded.apply(x))]))
+    error = float(np.max(jax.device_get(change(jax.device_put(images)))))
   if not error <= FOLD_TOLERANCE:
-    raise serving.ExportError(f"folding BatchNorm changed the logits by {error:.3g} (> {FOLD_TOLERANCE}): this "
-                     "model has a convolution whose output is also read without its BatchNorm; please "
-                     "report it")
+    raise serving.ExportError(f"folding BatchNorm changed the logits by {error:.3g} (> {FOLD_TOLERANCE}): "
+                              "this model has a convolution whose output is also read without its "
+                              "BatchNorm; please report it")
   return error
 
 
@@ -100,7 +110,8 @@ def export_model(model: Any, variables: Any, mean: Sequence[float], std: Sequenc
   folded = folding.FoldedModel(model, variables, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
   if check_images is None:
     check_images = np.random.default_rng(0).integers(0, 256, (8, *image_shape), dtype=np.uint8)
-  fold_error = check_folding(model, variables, folded, preprocess(np.asarray(check_images)))
+  fold_error = check_folding(model, variables, folded,
+                             jax.jit(preprocess)(jax.device_put(np.asarray(check_images))))
   fns = inference.stage_functions(model, variables, preprocess, batch_size, folded)
 
   buckets = serving.bucket_sizes(batch_size, num_buckets)
@@ -135,6 +146,10 @@ def export_model(model: Any, variables: Any, mean: Sequence[float], std: Sequenc
       "batch_norm": {"folded_into_convolutions": folded.plan.folded,
                      "kept_as_scale_and_shift": len(folded.plan.pairs) - folded.plan.folded,
                      "max_logit_change": fold_error},
+      # At what jax.default_matmul_precision each figure was taken: the folding check and the thresholds'
+      # fit at float32's own precision on any backend; the programs at the backend's default.
+      "matmul_precision": {"programs": PROGRAM_PRECISION, "folding_check": CHECK_PRECISION,
+                           "thresholds": inference.SIMULATION_PRECISION},
       "sha256": digests,
       "model": type(model).__name__,
       **(metadata or {}),

@@ -123,25 +123,32 @@ class FoldedModel:
   def __init__(self, model: nn.Module, variables: Any, example: Any):
     self.model = model
     self.plan = find_pairs(model, variables, example)
-    params = jax.tree.map(jnp.asarray, flax.core.unfreeze(variables["params"]))
-    stats = variables.get("batch_stats", {})
-    self._conv_bias: dict[tuple[str, ...], jax.Array] = {}
-    self._affine: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}
+    # One compiled program folds every pair, on the device the variables are on: op by op, each
+    # constant (an epsilon) would be a transfer of its own, and the weights would go through the host.
+    params, stats = jax.device_put((flax.core.unfreeze(variables["params"]),
+                                    variables.get("batch_stats", {})))
+    self._params, self._conv_bias, self._affine = jax.jit(self._fold)(params, stats)
+
+  def _fold(self, params: dict, stats: dict) -> tuple[dict, dict, dict]:
+    """(folded params without the BatchNorms, convolution path -> bias it adds, BatchNorm path -> its
+    (scale, shift) where it follows no convolution)."""
+    conv_bias: dict[tuple[str, ...], jax.Array] = {}
+    affine: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}
     for bn, conv in self.plan.pairs.items():
       bn_params, bn_stats = _get(params, bn), _get(stats, bn)
       s = bn_params["scale"] * jax.lax.rsqrt(bn_stats["var"] + self.plan.epsilons[bn])
       t = bn_params["bias"] - bn_stats["mean"] * s
       if conv is None:
-        self._affine[bn] = (s, t)
+        affine[bn] = (s, t)
         continue
       conv_params = dict(_get(params, conv))
       conv_params["kernel"] = conv_params["kernel"] * s
       if "bias" in conv_params:  # the convolution adds the folded bias itself
         conv_params["bias"] = conv_params["bias"] * s + t
       else:
-        self._conv_bias[conv] = t
-      _set(params, conv, conv_params)
-    self._params = _without(params, set(self.plan.pairs))
+        conv_bias[conv] = t
+      _set(params, conv, conv_params)  # `params` is this trace's own copy of the tree
+    return _without(params, set(self.plan.pairs)), conv_bias, affine
 
   @property
   def variables(self) -> dict:

@@ -36,6 +36,14 @@ from msdfuse_jax.evaluation import budget, evaluate, predict
 EarlyExitResult = serving.EarlyExitResult
 bucket_sizes = serving.bucket_sizes
 
+# The jax.default_matmul_precision of the simulation (the thresholds' fit and the probabilities the
+# early-exit decisions are checked against) and of the in-process runner's checked run: at the backend's
+# default a GPU computes float32 convolutions as TF32 and a TPU as bfloat16 passes, and two different
+# programs (full forward passes, per-stage programs) would then disagree near a threshold. The timed runs
+# are at the backend's default (`TIMING_PRECISION`), what a user gets.
+SIMULATION_PRECISION = "highest"
+TIMING_PRECISION = "default"
+
 
 def _decide(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
   """An exit's confidence (max softmax, float32) and prediction (int32), as the simulation computes them."""
@@ -128,17 +136,23 @@ def full_network_fns(model: Any, preprocess=lambda x: x):
 
 
 def time_batches(fn, variables: Any, images: np.ndarray, batch_size: int, repeats: int = 1) -> float:
-  """Seconds to run `fn(variables, batch)` over `images` in padded batches (after one warm-up call)."""
+  """Seconds to run `fn(variables, batch)` over `images` in padded batches (after one warm-up call).
+
+  The variables are put on the device before the clock starts (nothing is copied when they are there
+  already); each batch of images is put there inside the timed loop, as the early-exit runner puts its
+  batches, so both sides of a speedup pay the same transfers and neither pays for the weights.
+  """
   pad = (-len(images)) % batch_size
   if pad:
     images = np.concatenate([images, np.repeat(images[:1], pad, axis=0)])
-  jax.block_until_ready(fn(variables, images[:batch_size]))
+  variables = jax.device_put(variables)
+  jax.block_until_ready(fn(variables, jax.device_put(images[:batch_size])))
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
     out = None
     for lo in range(0, len(images), batch_size):
-      out = fn(variables, images[lo:lo + batch_size])
+      out = fn(variables, jax.device_put(images[lo:lo + batch_size]))
     jax.block_until_ready(out)
     best = min(best, time.perf_counter() - start)
   return best
@@ -147,7 +161,8 @@ def time_batches(fn, variables: Any, images: np.ndarray, batch_size: int, repeat
 def fit_budget(config: Any, model: Any, variables: Any, data: Any, p: int | None,
                cost_budget: float | None, batch_size: int) -> dict:
   """The thresholds of budget point `p` (or of the largest point whose validation cost fits `cost_budget`),
-  fitted on the validation split exactly as `msdfuse-eval` fits them.
+  fitted on the validation split exactly as `msdfuse-eval` fits them, from probabilities computed at
+  `SIMULATION_PRECISION`.
 
   Returns:
     dict with ``p``, ``thresholds``, ``exit_costs`` (literature op_counter per exit), ``expected_val_cost``
@@ -155,10 +170,11 @@ def fit_budget(config: Any, model: Any, variables: Any, data: Any, p: int | None
   """
   mean, std = np.asarray(data.mean), np.asarray(data.std)
   predict_fn = predict.make_predict_fn(model, mean, std)
-  val_probs = predict.predict_probs(model, variables, data.val_images, mean, std, batch_size,
-                                    predict_fn=predict_fn)
-  test_probs = predict.predict_probs(model, variables, data.test_images, mean, std, batch_size,
-                                     predict_fn=predict_fn)
+  with jax.default_matmul_precision(SIMULATION_PRECISION):
+    val_probs = predict.predict_probs(model, variables, data.val_images, mean, std, batch_size,
+                                      predict_fn=predict_fn)
+    test_probs = predict.predict_probs(model, variables, data.test_images, mean, std, batch_size,
+                                       predict_fn=predict_fn)
   exit_costs = [c.op_counter for c in costs.exit_costs(models.from_config(config, dtype="float32"),
                                                        image_size=sources.image_size(config.dataset),
                                                        with_xla=False)]
@@ -196,7 +212,11 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
       (`p`, `cost_budget` and `batch_size` must be None).
 
   Returns:
-    The figures written to ``WORKDIR/eval/infer.json``.
+    The figures written to ``WORKDIR/eval/infer.json``. ``matches_simulation`` compares the runner's
+    predictions and exits with ``simulation``'s (in process: the model's full forward passes, both at
+    `SIMULATION_PRECISION`; with an export: its own programs run on every image, at their precision);
+    ``matmul_precision`` says at what precision the timings, that check and the thresholds were taken.
+    Every transfer between host and device is explicit (it runs under ``JAX_TRANSFER_GUARD=disallow``).
   """
   if export_dir is not None:
     manifest = serving.read_manifest(export_dir)
@@ -211,24 +231,39 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
     fit = fit_budget(config, model, variables, data, p, cost_budget, batch_size)
     thresholds = fit["thresholds"]
   p, exit_costs = fit["p"], fit["exit_costs"]
-  sim_exits, sim_preds = budget.apply_thresholds(fit["test_probs"], thresholds)
 
   # Timed on decoded images held in memory (ImageNet's lazy test set is decoded here, once).
   test_images = np.asarray(data.test_images)
   mean, std = np.asarray(data.mean), np.asarray(data.std)
   preprocess = lambda images: augment.eval_batch(images, mean, std)
+  # The check compares like with like. In process: the runner's decisions and the simulation's
+  # probabilities (`fit_budget`), both at SIMULATION_PRECISION. An export's programs have their precision
+  # built in: they are checked against the simulation computed with the same programs.
   if export_dir is None:
     runner = EarlyExitRunner(model, variables, preprocess, batch_size=batch_size)
-  runner.warmup(test_images)
-  result = min((runner.run(test_images, thresholds) for _ in range(repeats)),
-               key=lambda r: r.seconds)
-  every_exit, last_exit = full_network_fns(model, preprocess)
-  t_full = time_batches(every_exit, variables, test_images, batch_size, repeats)
-  t_last = time_batches(last_exit, variables, test_images, batch_size, repeats)
-  stage_seconds = runner.stage_seconds(test_images, repeats)
+    with jax.default_matmul_precision(SIMULATION_PRECISION):
+      checked = runner.run(test_images, thresholds)
+    sim_exits, sim_preds = budget.apply_thresholds(fit["test_probs"], thresholds)
+    sim_exits = sim_exits + 1
+    simulation, check_precision = "the model's full forward passes", SIMULATION_PRECISION
+    timing_precision = TIMING_PRECISION
+  else:
+    checked = runner.run(test_images, thresholds)
+    sim_preds, sim_exits = runner.simulate(test_images, thresholds)
+    simulation = "the export's programs, every stage on every image"
+    check_precision = timing_precision = manifest.get("matmul_precision", {}).get("programs", "default")
+  # At the precision infer.json records, whatever the caller's (an export's programs keep their own).
+  with jax.default_matmul_precision(TIMING_PRECISION):
+    runner.warmup(test_images)
+    result = min((runner.run(test_images, thresholds) for _ in range(repeats)),
+                 key=lambda r: r.seconds)
+    every_exit, last_exit = full_network_fns(model, preprocess)
+    t_full = time_batches(every_exit, variables, test_images, batch_size, repeats)
+    t_last = time_batches(last_exit, variables, test_images, batch_size, repeats)
+    stage_seconds = runner.stage_seconds(test_images, repeats)
 
   n = len(test_images)
-  counts = np.bincount(result.exits - 1, minlength=model.num_exits)
+  counts = np.bincount(checked.exits - 1, minlength=model.num_exits)
   reaching = n - np.concatenate([[0], np.cumsum(counts)[:-1]])
   per_image = np.array([stage_seconds[k][batch_size] / batch_size for k in range(1, model.num_exits + 1)])
   t_ideal = float(reaching @ per_image)
@@ -242,7 +277,7 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
       "export_dir": None if export_dir is None else os.path.abspath(export_dir),
       "num_images": n, "batch_size": batch_size, "buckets": runner.buckets,
       "exit_counts": counts.tolist(), "reaching_stage": reaching.tolist(),
-      "accuracy": float(100.0 * np.mean(result.predictions == data.test_labels)),
+      "accuracy": float(100.0 * np.mean(checked.predictions == data.test_labels)),
       "expected_cost": expected_cost, "full_cost": exit_costs[-1],
       "early_exit_images_per_s": n / result.seconds,
       "full_network_images_per_s": n / t_full,
@@ -254,6 +289,10 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
       "time_ideal_over_predicted": time_ideal / predicted,
       "stage_ms_per_image": [1e3 * t for t in per_image],
       "stage_seconds": {str(k): {str(b): t for b, t in times.items()} for k, times in stage_seconds.items()},
-      "matches_simulation": bool(np.array_equal(result.exits, sim_exits + 1)
-                                 and np.array_equal(result.predictions, sim_preds)),
+      "matches_simulation": bool(np.array_equal(checked.exits, sim_exits)
+                                 and np.array_equal(checked.predictions, sim_preds)),
+      "simulation": simulation,
+      # At what jax.default_matmul_precision the figures were taken ("default": the backend's own).
+      "matmul_precision": {"timings": timing_precision, "matches_simulation": check_precision,
+                           "thresholds": SIMULATION_PRECISION},
   }

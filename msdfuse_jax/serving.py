@@ -18,6 +18,10 @@ the gather reads), only the chunk's last batch being padded to the smallest buck
 
 Decisions are those of the simulated budgeted evaluation: a sample exits at the first k with
 ``confidence >= T_k``; the last exit takes everybody left.
+
+Every transfer between host and device is explicit (`jax.device_put` of each batch of images and of each
+survivor index, `jax.device_get` of the confidences and predictions), so a runner works under
+``jax.transfer_guard("disallow")``; the states stay on the device.
 """
 
 from __future__ import annotations
@@ -146,11 +150,11 @@ class Runner:
   def warmup(self, example_images: np.ndarray) -> None:
     """Runs every program once, so that timed runs measure no compilation."""
     images = np.repeat(self._check_images(example_images)[:1], self.batch_size, axis=0)
-    first = {b: self.programs[(1, b)](images[:b]) for b in self.buckets}
+    first = {b: self.programs[(1, b)](jax.device_put(images[:b])) for b in self.buckets}
     state = first[self.batch_size][0]
     outs = list(first.values())
     for k in range(2, self.num_exits + 1):
-      outs += [self.programs[(k, b)]((state,) * self.pieces, np.zeros((b,), np.int32))
+      outs += [self.programs[(k, b)]((state,) * self.pieces, jax.device_put(np.zeros((b,), np.int32)))
                for b in self.buckets]
       state = outs[-len(self.buckets)][0]
     jax.block_until_ready(outs)
@@ -172,11 +176,38 @@ class Runner:
       self._run_chunk(images[lo:lo + self.chunk], lo, thresholds, predictions, exits)
     return EarlyExitResult(predictions, exits, time.perf_counter() - start)
 
+  def every_exit(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every stage's confidence and prediction for every image, from these programs: (K, N) float32 and
+    (K, N) int64. Nobody exits before the last stage, so every stage runs on every image."""
+    images = self._check_images(images)
+    n = len(images)
+    trace = (np.zeros((self.num_exits, n), np.float32), np.zeros((self.num_exits, n), np.int64))
+    never = np.full((self.num_exits,), np.inf, np.float32)
+    for lo in range(0, n, self.chunk):
+      self._run_chunk(images[lo:lo + self.chunk], lo, never, np.zeros((n,), np.int64),
+                      np.zeros((n,), np.int64), trace)
+    return trace
+
+  def simulate(self, images: np.ndarray, thresholds: Sequence[float] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, 1-based exits) that `run` must give, decided on the host from `every_exit`: the
+    simulated budgeted evaluation with the same programs, so the two agree exactly at any precision."""
+    if thresholds is None:
+      if self.thresholds is None:
+        raise ValueError("no thresholds given and the runner has none")
+      thresholds = self.thresholds
+    thresholds = self._check_thresholds(thresholds)
+    confidence, prediction = self.every_exit(images)
+    leaves = confidence >= thresholds[:, None]
+    leaves[-1] = True  # the last exit takes everybody left
+    exits = np.argmax(leaves, axis=0)
+    return prediction[exits, np.arange(len(exits))], exits + 1
+
   def _call(self, k: int, bucket: int, *args: Any) -> Any:
     self.calls[(k, bucket)] = self.calls.get((k, bucket), 0) + 1
     return self.programs[(k, bucket)](*args)
 
-  def _run_chunk(self, images, offset, thresholds, predictions, exits) -> None:
+  def _run_chunk(self, images, offset, thresholds, predictions, exits, trace=None) -> None:
     b, num_exits = self.batch_size, self.num_exits
     # Stage 1 on every batch of the chunk (dispatched together), then the decisions.
     outs, groups = [], []  # per batch of the current stage: its outputs and the images it holds
@@ -185,7 +216,7 @@ class Runner:
       bucket = self._bucket(len(batch))
       if len(batch) < bucket:  # pad the last batch; the padding is dropped at the first decision
         batch = np.concatenate([batch, np.repeat(batch[:1], bucket - len(batch), axis=0)])
-      outs.append(self._call(1, bucket, batch))
+      outs.append(self._call(1, bucket, jax.device_put(batch)))
       groups.append(np.arange(lo, lo + min(b, len(images) - lo)))
     alive = alive_ids = np.zeros((0,), np.int64)  # survivors: rows of the concatenated states, image ids
     for k in range(1, num_exits + 1):
@@ -198,12 +229,16 @@ class Runner:
           index = alive[lo:lo + b]
           bucket = self._bucket(len(index))
           index = np.concatenate([index, np.repeat(index[:1], bucket - len(index))]).astype(np.int32)
-          outs.append(self._call(k, bucket, states, index))
+          outs.append(self._call(k, bucket, states, jax.device_put(index)))
           new_groups.append(alive_ids[lo:lo + b])
         groups = new_groups
       alive, alive_ids = [], []
-      for i, (out, ids) in enumerate(zip(outs, groups)):
-        conf, pred = np.asarray(out[1])[:len(ids)], np.asarray(out[2])[:len(ids)]
+      # The decisions are the host's: every batch's confidences and predictions, read back at once.
+      decisions = jax.device_get([(out[1], out[2]) for out in outs])
+      for i, ((conf, pred), ids) in enumerate(zip(decisions, groups)):
+        conf, pred = conf[:len(ids)], pred[:len(ids)]
+        if trace is not None:  # `every_exit`: every stage's outputs
+          trace[0][k - 1, offset + ids], trace[1][k - 1, offset + ids] = conf, pred
         done = conf >= thresholds[k - 1] if k < num_exits else np.ones(len(ids), bool)
         predictions[offset + ids[done]] = pred[done]
         exits[offset + ids[done]] = k
@@ -223,8 +258,9 @@ class Runner:
     for k in range(1, self.num_exits + 1):
       times[k] = {}
       for bucket in self.buckets:
-        args = ((images[:bucket],) if k == 1 else
-                ((states,) * self.pieces, np.arange(bucket, dtype=np.int32)))
+        # On the device before the clock starts: a stage's time is its program's alone.
+        args = jax.device_put((images[:bucket],) if k == 1 else
+                              ((states,) * self.pieces, np.arange(bucket, dtype=np.int32)))
         fn = self.programs[(k, bucket)]
         out = jax.block_until_ready(fn(*args))
         if bucket == self.batch_size:  # the full batch's state is what the next stage is timed on

@@ -36,6 +36,16 @@ if "PYTEST_XDIST_WORKER" in os.environ:
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+@pytest.fixture(scope="module")
+def float32_matmuls():
+  """The module's float32 convolutions and dots at float32's own precision ("highest"). On a GPU (TF32)
+  or a TPU (bfloat16 passes) the default precision rounds two different programs differently, by more
+  than the tests that compare them exactly allow; on the CPU it changes nothing. Use it with
+  ``pytestmark = pytest.mark.usefixtures("float32_matmuls")``."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def shared_file(*parts: str) -> pathlib.Path:
   """A file of ../shared, or a skip naming it when the checkout has no ../shared beside it."""
   path = SHARED.joinpath(*parts)

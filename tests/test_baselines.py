@@ -70,6 +70,7 @@ def _torch_bilinear_reference(x: np.ndarray, size: tuple[int, int], align_corner
   return out
 
 
+@pytest.mark.cpu_exact
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("in_size,out_size", [((8, 8), (16, 16)), ((16, 16), (32, 32)), ((16, 16), (8, 8)),
                                               ((5, 7), (9, 4)), ((8, 8), (8, 8)), ((1, 3), (4, 6))])
@@ -101,6 +102,7 @@ def test_bilinear_resize_costs_nothing():
 # --- RANet: exact parity with RANet-pytorch's op counter -------------------------------------------------
 
 
+@pytest.mark.cpu_exact
 @pytest.mark.parametrize("dataset", list(DATASETS))
 @pytest.mark.parametrize("name", list(RANET_REFERENCE))
 def test_ranet_costs_match_reference_exactly(name, dataset):

@@ -20,10 +20,13 @@ def test_bench_cli_prints_and_writes_the_figures(tmp_path):
                    "--batch_size=8", "--eval_batch_size=16", "--steps=2", "--eval_steps=1", "--compilation_cache",
                    f"--json={out}", tuned_cpu_flags=True),
       capture_output=True, text=True, cwd=tmp_path, timeout=600,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})  # with the suite's compilation cache (conftest.py)
+      # With the suite's compilation cache (conftest.py); nothing may cross host and device implicitly.
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_TRANSFER_GUARD": "disallow"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert KEYS <= set(report)
+  spread = report["train_step_ms_spread"]
+  assert 0 < spread["min"] <= spread["median"] <= spread["p90"] <= spread["max"]
   assert all(report[k] > 0 for k in KEYS - {"compile_s"}) and report["compile_s"] >= 0
   assert report["model"] == "msdnet_tiny" and report["batch_size"] == 8 and report["eval_batch_size"] == 16
   assert "images/s" in proc.stdout and "compile" in proc.stdout
@@ -31,13 +34,14 @@ def test_bench_cli_prints_and_writes_the_figures(tmp_path):
 
 def test_report_format_names_every_figure():
   report = dict(model="m", dataset="cifar10", dtype="float32", pipeline="device", devices=1, backend="cpu",
-                batch_size=64,
+                batch_size=64, train_step_ms_spread={"min": 480.0, "median": 490.0, "p90": 510.0, "max": 530.0},
                 eval_batch_size=256, train_images_per_s=130.0, train_step_s=0.49, compile_s=30.0,
                 eval_images_per_s=400.0, eval_step_s=0.64, eval_compile_s=4.0, peak_memory_mb=2000.0,
                 peak_memory_source="process peak RSS", rss_before_mb=700.0, train_cpu_s_per_step=0.9,
                 eval_cpu_s_per_step=1.2, load_average=0.5, cpu_count=2, xla_flags="")
   text = bench.format_report(report)
-  for figure in ("130.0 images/s", "400.0 images/s", "compile 30.0 s", "2000 MB", "device input pipeline"):
+  for figure in ("130.0 images/s", "400.0 images/s", "compile 30.0 s", "2000 MB", "device input pipeline",
+                 "median 490.0, p90 510.0, max 530.0"):
     assert figure in text
 
 

@@ -16,6 +16,8 @@ import pytest
 from msdfuse_jax.evaluation import budget
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.cpu_exact  # number for number against torch's outputs
+
 sys.path.insert(0, str(REPO / "experiments"))
 import make_budget_torch_fixture as torch_ref  # noqa: E402  pylint: disable=wrong-import-position
 

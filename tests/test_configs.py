@@ -178,6 +178,24 @@ def test_tools_report_an_unknown_field_in_one_line(tool, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+def test_float16_is_refused_for_bfloat16(tmp_path):
+  """float16 without loss scaling underflows small gradients: the config and msdfuse-train refuse it."""
+  config = cifar.get_config("dataset=cifar10,model=msdnet_tiny")
+  config.model.dtype = "float16"
+  with pytest.raises(ValueError, match=r"float16 training needs loss scaling.*use config.model.dtype=bfloat16"):
+    models.from_config(config)
+  assert "float16" not in models.DTYPES
+  proc = subprocess.run([sys.executable, "-m", "msdfuse_jax.tools.train_main",
+                         f"--config={CONFIG_FILE}:dataset=cifar10,model=msdnet_tiny",
+                         "--config.model.dtype=float16", f"--workdir={tmp_path}"],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines[-1] == ("error: config.model.dtype='float16' is not offered (float16 training needs loss "
+                       "scaling, which this package does not do): use config.model.dtype=bfloat16")
+  assert "Traceback" not in proc.stderr
+
+
 def test_runlocal_picks_the_tiny_variant_and_few_steps():
   for name, tiny in (("msdfuse", "msdfuse_tiny"), ("msdnet_anytime7", "msdnet_tiny"),
                      ("resnet_mc", "resnet_mc_tiny"), ("ranet_cifar", "ranet_tiny")):

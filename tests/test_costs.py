@@ -14,6 +14,9 @@ from msdfuse_jax.data import sources
 from msdfuse_jax.models.base import MultiExitModule
 from tests.conftest import REPO, shared_file
 
+# Reference integers, the stored cost tables and XLA:CPU's flop counts (another backend counts its own).
+pytestmark = pytest.mark.cpu_exact
+
 
 class OneOp(MultiExitModule):
   """A one-exit model wrapping a single op, for known answers."""

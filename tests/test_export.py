@@ -16,6 +16,9 @@ from msdfuse_jax.evaluation import budget, evaluate
 from tests import test_evaluate as evaluate_tests
 from tests import test_inference as inference_tests
 
+# Folded against unfolded logits, the runtime against the simulation: float32's own precision on any backend.
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
+
 # Every family, and MSDNet's ImageNet mode (its stem's convolution has a bias, which folding adds to).
 FAMILIES = [("msdnet_tiny", 32), ("msdfuse_tiny", 32), ("ranet_tiny", 32), ("resnet_mc_tiny", 32),
             ("densenet_mc_tiny", 32), ("msdnet_imagenet_tiny", 32)]
@@ -100,10 +103,47 @@ def test_runtime_equals_the_in_process_runner_and_the_simulation(exported):
     np.testing.assert_array_equal(result.predictions, sim_preds)
     np.testing.assert_array_equal(result.exits, reference.exits)
     np.testing.assert_array_equal(result.predictions, reference.predictions)
+  # The folding check's figure was taken at float32's own precision, the programs at the backend's.
+  assert manifest["matmul_precision"] == {"programs": "default", "folding_check": "highest",
+                                          "thresholds": "highest"}
   # Per-stage times: one per stage and bucket.
   times = runner.stage_seconds(test, repeats=1)
   assert sorted(times) == [1, 2, 3] and all(sorted(t) == [8, 16] and min(t.values()) > 0
                                             for t in times.values())
+
+
+def test_every_exit_and_simulate_are_the_run_of_the_same_programs(exported):
+  """`Runner.simulate` (every stage on every image, decided on the host) equals `Runner.run` at any
+  thresholds, and its per-stage outputs are the simulation's probabilities' confidences and argmaxes."""
+  out, _, _, test, val_probs, test_probs = exported
+  runner = serving.Runner.from_dir(out)
+  with jax.transfer_guard("disallow"):  # every transfer of the runtime is explicit
+    confidence, prediction = runner.every_exit(test)
+    for p in (1, 8, 20, 39):
+      thresholds = budget.fit_thresholds(val_probs, p)
+      result = runner.run(test, thresholds)
+      predictions, exits = runner.simulate(test, thresholds)
+      np.testing.assert_array_equal(exits, result.exits)
+      np.testing.assert_array_equal(predictions, result.predictions)
+  assert confidence.shape == prediction.shape == (3, len(test))
+  np.testing.assert_allclose(confidence, test_probs.max(-1), rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(prediction, test_probs.argmax(-1))
+
+
+def test_the_folding_check_runs_at_highest_precision(monkeypatch):
+  """On a GPU (TF32) or a TPU (bfloat16 passes) the default precision's rounding is larger than the
+  check's tolerance: both sides of the check are traced at "highest", whatever the default."""
+  model = models.build_model("msdnet_tiny", 10)
+  variables = _trained_like(model, 32)
+  folded = folding.FoldedModel(model, variables, jnp.zeros((1, 32, 32, 3)))
+  seen = []
+  apply = folded.apply
+  monkeypatch.setattr(folded, "apply", lambda *a, **k: seen.append(jax.config.jax_default_matmul_precision)
+                      or apply(*a, **k))
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  with jax.default_matmul_precision("bfloat16"):
+    error = exporting.check_folding(model, variables, folded, images)
+  assert seen == ["highest"] and 0 <= error < 1e-4
 
 
 def test_the_runtime_imports_neither_the_models_nor_flax(exported):
@@ -227,9 +267,14 @@ def run_dir(tmp_path_factory):
   return evaluate_tests.tiny_run_dir(tmp_path_factory)
 
 
-def _cli(*args):
+def _cli(*args, env=None):
   return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600,
-                        cwd=os.path.dirname(os.path.dirname(__file__)))
+                        cwd=os.path.dirname(os.path.dirname(__file__)),
+                        env=None if env is None else {**os.environ, **env})
+
+
+# What a GPU user would run to see that nothing crosses between host and device implicitly.
+NO_IMPLICIT_TRANSFERS = {"JAX_TRANSFER_GUARD": "disallow"}
 
 
 @pytest.mark.slow
@@ -238,13 +283,14 @@ def test_export_and_infer_on_a_trained_run(run_dir, tmp_path):
   and the in-process runner, then msdfuse-infer --export."""
   out = tmp_path / "p8"
   done = _cli("msdfuse_jax.tools.export_main", f"--workdir={run_dir}", "--p=8", f"--out={out}",
-              "--batch_size=64", "--num_buckets=3", "--platforms=cpu,cuda")
+              "--batch_size=64", "--num_buckets=3", "--platforms=cpu,cuda", env=NO_IMPLICIT_TRANSFERS)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "wrote" in done.stdout
   manifest = json.loads((out / serving.MANIFEST).read_text())
   assert manifest["model"] == "msdnet_tiny" and manifest["p"] == 8 and manifest["platforms"] == ["cpu", "cuda"]
   assert len(manifest["sha256"]) == 3 * 3 and manifest["source"]["step"] == 6
   assert manifest["source"]["config"]["model"]["name"] == "msdnet_tiny"
+  assert manifest["matmul_precision"]["folding_check"] == "highest"
 
   config, model, variables, _, data = evaluate.load_run(str(run_dir), dtype="float32")
   fit = inference.fit_budget(config, model, variables, data, 8, None, 64)
@@ -265,10 +311,15 @@ def test_export_and_infer_on_a_trained_run(run_dir, tmp_path):
     np.testing.assert_array_equal(result.exits, reference.exits)
     np.testing.assert_array_equal(result.predictions, reference.predictions)
 
-  done = _cli("msdfuse_jax.tools.infer_main", f"--workdir={run_dir}", f"--export={out}", "--repeats=1")
+  done = _cli("msdfuse_jax.tools.infer_main", f"--workdir={run_dir}", f"--export={out}", "--repeats=1",
+              env=NO_IMPLICIT_TRANSFERS)
   assert done.returncode == 0, done.stderr[-3000:]
   infer = json.loads((run_dir / "eval" / "infer.json").read_text())
   assert infer["runner"] == "export" and infer["matches_simulation"] is True and infer["p"] == 8
+  # The export's programs are checked against themselves run on every image (like with like).
+  assert infer["simulation"] == "the export's programs, every stage on every image"
+  assert infer["matmul_precision"] == {"timings": "default", "matches_simulation": "default",
+                                       "thresholds": "highest"}
   assert infer["batch_size"] == 64 and infer["buckets"] == [64, 32, 16]
   for key in ("realised_over_time_ideal", "time_ideal_over_predicted", "realised_over_predicted"):
     assert 0 < infer[key] < float("inf")

@@ -11,6 +11,9 @@ from msdfuse_jax import costs, inference, models
 from msdfuse_jax.evaluation import budget, evaluate, predict
 from tests import test_evaluate as evaluate_tests
 
+# Early exit must equal the simulation exactly: both at float32's own precision on any backend.
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
+
 MEAN, STD = np.array([0.5, 0.5, 0.5], np.float32), np.array([0.25, 0.25, 0.25], np.float32)
 
 
@@ -76,6 +79,20 @@ def test_no_recompilation_after_warmup(setup):
   assert runner.compiled_programs() == compiled
 
 
+def test_full_network_timing_moves_no_weights_in_its_loop(setup):
+  """`time_batches` puts the variables on the device before its loop: host (numpy) weights would
+  otherwise be copied with every timed batch, inflating the early-exit speedups on a GPU."""
+  model, _, test, _, _ = setup
+  host_variables = jax.device_get(models.init_variables(model, jax.random.PRNGKey(0)))
+  every_exit, _ = inference.full_network_fns(model, lambda x: x.astype(jnp.float32) / 255.0)
+  with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+    with jax.transfer_guard("disallow"):  # what the loop would do with implicit transfers
+      every_exit(host_variables, test[:16])
+  with jax.transfer_guard("disallow"):
+    seconds = inference.time_batches(every_exit, host_variables, test, 16, repeats=1)
+  assert 0 < seconds < math.inf
+
+
 def test_wrong_number_of_thresholds(setup):
   _, runner, test, _, _ = setup
   with pytest.raises(ValueError, match="3 thresholds"):
@@ -94,12 +111,19 @@ def test_run_inference_matches_simulation(run_dir):
   config, model, variables, _, data = evaluate.load_run(str(run_dir))
   mean, std = np.asarray(data.mean), np.asarray(data.std)
   fn = predict.make_predict_fn(model, mean, std)
-  val_probs = predict.predict_probs(model, variables, data.val_images, mean, std, 64, predict_fn=fn)
-  test_probs = predict.predict_probs(model, variables, data.test_images, mean, std, 64, predict_fn=fn)
+  with jax.default_matmul_precision("highest"):  # the simulation's precision, on any backend
+    val_probs = predict.predict_probs(model, variables, data.val_images, mean, std, 64, predict_fn=fn)
+    test_probs = predict.predict_probs(model, variables, data.test_images, mean, std, 64, predict_fn=fn)
   cost_model = models.from_config(config, dtype="float32")
   exit_costs = np.array([c.op_counter for c in costs.exit_costs(cost_model, with_xla=False)], np.float64)
 
-  out = inference.run_inference(str(run_dir), p=8, cost_budget=None, batch_size=64, repeats=1)
+  # Nothing crosses between host and device implicitly (the weights go to the device once, every batch
+  # and every result is an explicit transfer): what JAX_TRANSFER_GUARD=disallow msdfuse-infer runs under.
+  with jax.transfer_guard("disallow"):
+    out = inference.run_inference(str(run_dir), p=8, cost_budget=None, batch_size=64, repeats=1)
+  assert out["simulation"] == "the model's full forward passes"
+  assert out["matmul_precision"] == {"timings": "default", "matches_simulation": "highest",
+                                     "thresholds": "highest"}
   n = len(data.test_images)
   assert out["num_images"] == n == 1017 and out["p"] == 8
   thresholds = budget.fit_thresholds(val_probs, 8)

@@ -40,6 +40,8 @@ def apply_float32(model, variables, images, jit=False, **kwargs):
   with jax.default_matmul_precision("float32"):
     return np.stack((jax.jit(apply) if jit else apply)(variables, jnp.asarray(images)))
 
+pytestmark = pytest.mark.cpu_exact  # the converted model's logits against torch's CPU logits
+
 
 @pytest.fixture(scope="module")
 def reference():

@@ -69,7 +69,8 @@ FIXTURE = pathlib.Path(os.environ.get("MSDFUSE_STEP_PARITY_FIXTURE") or
                        SHARED / "reference" / "step_parity.npz")
 CASES = ("sgd_decay_all", "nesterov_decay_nd")
 # About a minute on a 2-core CPU, half of it compiling the train step once per optimiser.
-pytestmark = pytest.mark.slow
+# cpu_exact: float32 parity with torch's CPU numbers (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.cpu_exact]
 STEPS = 5  # K, as recorded in the fixture (checked against it)
 
 

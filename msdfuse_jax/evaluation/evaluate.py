@@ -26,10 +26,15 @@ from msdfuse_jax.data import augment
 from msdfuse_jax.evaluation import anytime, budget, predict, report
 
 def load_run(workdir: str, dtype: str | None = None):
-  """(config, model, variables, step, data) of a run directory, everything evaluation needs."""
+  """(config, model, variables, step, data) of a run directory, everything evaluation needs.
+
+  The variables are on the default device (one explicit transfer): the tools' loops then pass them to
+  their programs without copying them again.
+  """
   config = rundir.load_config(workdir)
   model = models.from_config(config, dtype=dtype)
   variables, step = checkpoints.load_variables(workdir)
+  variables = jax.device_put(variables)
   data = data_lib.load(config.dataset, config.data, workdir)
   return config, model, variables, step, data
 

@@ -13,7 +13,8 @@ from msdfuse_jax.data import augment, threads
 
 def make_predict_fn(model: Any, mean: Any, std: Any):
   """A compiled ``(variables, uint8 images) -> (K, B, C) float32 probabilities`` function."""
-  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+  # Host constants of the program (three numbers each), not device arrays it would take as arguments.
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
   @jax.jit
   def predict(variables, images):
@@ -30,14 +31,19 @@ def predict_probs(model: Any, variables: Any, images: np.ndarray, mean: Any, std
   `images` may be any array-like that slices like numpy (ImageNet's lazily decoded `imagenet.EvalImages`):
   only one batch is materialised at a time. The last batch is padded to `batch_size` (so one program
   serves every batch) and the padding dropped.
+
+  Every transfer is explicit (the loop runs under ``jax.transfer_guard("disallow")``): the variables go to
+  the device once (nothing is copied when they are there already), each batch is put there, and each
+  result is read back with `jax.device_get`.
   """
   predict = predict_fn or make_predict_fn(model, mean, std)
   if len(images) == 0:
     raise ValueError("no images to evaluate")
+  variables = jax.device_put(variables)
   outputs = []
   # The next batches are decoded (ImageNet) in the background while the device computes this one.
   for batch, real in threads.prefetched(host_batches(images, batch_size)):
-    outputs.append(np.asarray(predict(variables, batch))[:, :real])
+    outputs.append(jax.device_get(predict(variables, jax.device_put(batch)))[:, :real])
   return np.concatenate(outputs, axis=1)
 
 

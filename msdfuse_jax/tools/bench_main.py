@@ -6,8 +6,10 @@
 Runs the exact steps that `msdfuse-train` runs (the global-mesh train step fed by the configured input
 pipeline, `--config.data.pipeline=device|stream`: batch gathering or host reading, augmentation, SGD
 update) on random uint8 images, and prints train images/s, eval images/s, compile times and peak memory.
-JSON keys: train_images_per_s, eval_images_per_s, compile_s (train step), eval_compile_s, peak_memory_mb,
-peak_memory_source, pipeline, plus the settings. `--input_only` times the input pipeline alone (host
+JSON keys: train_images_per_s, train_step_ms_spread (min, median, p90, max of the timed steps),
+eval_images_per_s, compile_s (train step), eval_compile_s, peak_memory_mb, peak_memory_source, pipeline,
+plus the settings. The timed loops run under ``jax.transfer_guard("disallow")``: nothing crosses between
+host and device implicitly. `--input_only` times the input pipeline alone (host
 reading and the copy to the devices, no step; for ImageNet the configured source, decoded and cropped by
 ``config.data.workers`` processes): JSON keys input_images_per_s, input_first_batch_s. It measures, it
 asserts nothing; the persistent compilation cache is off unless --compilation_cache, so that compile times
@@ -149,24 +151,33 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   p_train_step, p_eval_step = train.make_steps(model, tx, config.aug, plan, weights, mean, std, num_classes,
                                                pipeline, train.techniques(config))
 
-  state = parallel.replicate(ts.init_train_state(model, tx, jax.random.PRNGKey(0),
-                                                 sources.image_size(config.dataset)))
+  # Set-up, once: the state is initialised and replicated on the mesh (transfers allowed here only).
+  with jax.transfer_guard("allow"):
+    state = parallel.replicate(ts.init_train_state(model, tx, jax.random.PRNGKey(0),
+                                                   sources.image_size(config.dataset)))
+    aug_rng = parallel.replicate(jax.random.PRNGKey(1))
+    votes = parallel.stop_votes(False)
   feed = train.make_feed(pipeline, data, 0, plan, 0)
-  aug_rng = parallel.replicate(jax.random.PRNGKey(1))
-  votes = parallel.stop_votes(False)
 
   load_before = os.getloadavg()[0]
+  # The timed loops move nothing between host and device implicitly: the batches come from the feed
+  # (explicit transfers), the state stays on the devices.
   try:
-    (state, _, _), first = _timed(p_train_step, state, *feed(0), votes, aug_rng)
-    t0, c0 = time.perf_counter(), time.process_time()
-    previous = None
-    for step in range(1, steps + 1):  # the loop of msdfuse-train: at most one step ahead of the devices
-      state, metrics, _ = p_train_step(state, *feed(step), votes, aug_rng)
-      if previous is not None:
-        jax.block_until_ready(previous)
-      previous = metrics
-    jax.block_until_ready((state, metrics))
+    with jax.transfer_guard("disallow"):
+      (state, _, _), first = _timed(p_train_step, state, *feed(0), votes, aug_rng)
+      t0, c0 = time.perf_counter(), time.process_time()
+      previous, finished = None, [t0]
+      for step in range(1, steps + 1):  # the loop of msdfuse-train: at most one step ahead of the devices
+        state, metrics, _ = p_train_step(state, *feed(step), votes, aug_rng)
+        if previous is not None:
+          jax.block_until_ready(previous)
+          finished.append(time.perf_counter())
+        previous = metrics
+      jax.block_until_ready((state, metrics))
+      finished.append(time.perf_counter())
     step_s = (time.perf_counter() - t0) / steps
+    # The times between two steps' ends: with one step queued ahead, each is one step's time.
+    spread = 1e3 * np.percentile(np.diff(finished), [0, 50, 90, 100])
     step_cpu_s = (time.process_time() - c0) / steps
   finally:
     feed.close()
@@ -175,11 +186,12 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   batch = next(parallel.eval_batches(images[:eval_batch_size], labels[:eval_batch_size], eval_batch_size,
                                      eval_batch_size * jax.process_count()))
   batch = parallel.batch(batch)
-  _, eval_first = _timed(p_eval_step, variables, batch)
-  t0, c0 = time.perf_counter(), time.process_time()
-  for _ in range(eval_steps):
-    out = p_eval_step(variables, batch)
-  jax.block_until_ready(out)
+  with jax.transfer_guard("disallow"):
+    _, eval_first = _timed(p_eval_step, variables, batch)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(eval_steps):
+      out = p_eval_step(variables, batch)
+    jax.block_until_ready(out)
   eval_s = (time.perf_counter() - t0) / eval_steps
   eval_cpu_s = (time.process_time() - c0) / eval_steps
   peak_mb, peak_source = _peak_memory_mb()
@@ -189,6 +201,7 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
       "backend": jax.default_backend(), "devices": jax.device_count(),
       "batch_size": batch_size, "eval_batch_size": eval_batch_size,
       "train_step_s": step_s, "train_images_per_s": batch_size / step_s,
+      "train_step_ms_spread": dict(zip(("min", "median", "p90", "max"), map(float, spread))),
       "eval_step_s": eval_s, "eval_images_per_s": eval_batch_size / eval_s,
       # The first call compiles and runs once; subtracting one steady step leaves the compile (and
       # dispatch set-up) time.
@@ -217,7 +230,9 @@ def format_report(report: dict[str, Any]) -> str:
       f"{report['model']} on {report['dataset']} ({report['dtype']}), {report['devices']} "
       f"{report['backend']} device(s), {report['pipeline']} input pipeline",
       f"train: batch {report['batch_size']:5d}  {report['train_images_per_s']:9.1f} images/s  "
-      f"({1000 * report['train_step_s']:.1f} ms/step)  compile {report['compile_s']:.1f} s",
+      f"({1000 * report['train_step_s']:.1f} ms/step; median {report['train_step_ms_spread']['median']:.1f}, "
+      f"p90 {report['train_step_ms_spread']['p90']:.1f}, max {report['train_step_ms_spread']['max']:.1f})  "
+      f"compile {report['compile_s']:.1f} s",
       f"eval:  batch {report['eval_batch_size']:5d}  {report['eval_images_per_s']:9.1f} images/s  "
       f"({1000 * report['eval_step_s']:.1f} ms/step)  compile {report['eval_compile_s']:.1f} s",
       f"peak memory: {report['peak_memory_mb']:.0f} MB ({report['peak_memory_source']}; the process held "

@@ -60,7 +60,8 @@ def main(argv) -> None:
   print(f"time-ideal speedup {out['time_ideal_speedup']:.2f}x: runner overhead (realised / time-ideal) "
         f"{out['realised_over_time_ideal']:.2f}, CPU penalty of the architecture (time-ideal / predicted) "
         f"{out['time_ideal_over_predicted']:.2f}, realised / predicted {out['realised_over_predicted']:.2f}")
-  print(f"predictions and exits equal the simulated budgeted evaluation: {out['matches_simulation']}")
+  print(f"predictions and exits equal the simulated budgeted evaluation ({out['simulation']}, matmul "
+        f"precision {out['matmul_precision']['matches_simulation']}): {out['matches_simulation']}")
   print(f"wrote {path}")
 
 
