@@ -48,7 +48,6 @@ def main(argv) -> None:
   if jax.process_index() != 0:  # one process speaks for the run; the others only warn
     logging.set_verbosity(logging.WARNING)
   flags_util.enable_compilation_cache()
-  flags_util.quiet_library_logs()
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
   except train.Preempted as e:
