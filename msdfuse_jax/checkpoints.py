@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -60,6 +62,43 @@ def set_aside(workdir: str, step: int) -> str:
   return target
 
 
+def _is_abandoned_read(exc: BaseException | None) -> bool:
+  """RuntimeError('Event loop is closed') raised by asyncio's ``_check_closed``: a read of an unreadable step
+  that orbax gave up on, whose remaining tensorstore futures complete after orbax closed their event loop."""
+  if not isinstance(exc, RuntimeError) or str(exc) != "Event loop is closed":
+    return False
+  tb = exc.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
+
+
+_quiet_installed = threading.Lock()
+_quiet_done = False
+
+
+def _quiet_abandoned_reads() -> None:
+  """From now on, the process prints no traceback for `_is_abandoned_read` errors (each abandoned array
+  read of a corrupt step printed one, hundreds in all, through sys.excepthook or sys.unraisablehook from
+  tensorstore's threads); every other error is printed as before. Installed once a step is unreadable."""
+  global _quiet_done
+  with _quiet_installed:
+    if _quiet_done:
+      return
+    _quiet_done = True
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(kind, value, tb):
+    if not _is_abandoned_read(value):
+      excepthook(kind, value, tb)
+
+  def quiet_unraisablehook(unraisable):
+    if not _is_abandoned_read(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
 def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None, step: int | None = None,
             *, set_aside_unreadable: bool = False, mngr: ocp.CheckpointManager | None = None
             ) -> tuple[int, dict[str, Any]] | None:
@@ -97,13 +136,14 @@ def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None,
       restore_args = ocp.args.StandardRestore(tree) if tree is not None else ocp.args.StandardRestore()
       restored = mngr.restore(s, args=ocp.args.Composite(state=restore_args))
     except Exception as e:  # orbax raises many types for unreadable files  # pylint: disable=broad-except
+      _quiet_abandoned_reads()
       reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
       errors.append(f"step {s}: {reason}")
       unreadable.append(s)
       logging.warning("checkpoint step %s in %s is unreadable (%s); trying an older one", s,
                       checkpoint_dir(workdir), reason)
       continue
-    if unreadable:
+    if unreadable and not set_aside_unreadable:  # else the set-aside's own warning says it
       logging.warning("using checkpoint step %s of %s (newer steps %s are unreadable)", s,
                       checkpoint_dir(workdir), unreadable)
     if set_aside_unreadable and unreadable:
