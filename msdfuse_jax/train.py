@@ -436,6 +436,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     logging.info("%s run in %s at step %d of %d (%d steps/epoch, %d shards of %d on %d devices, %d "
                  "processes, %s pipeline)", how, workdir, start, plan.total_steps, plan.steps_per_epoch,
                  plan.num_shards, plan.shard_batch, jax.device_count(), jax.process_count(), pipeline)
+    if jax.process_index() == 0:
+      count, arrays, table = rundir.write_parameter_overview(workdir, state.params)
+      logging.info("%s: %s parameters in %d arrays (table: %s)", config.model.name, f"{count:,}", arrays,
+                   table)
     _stop_before(stop, start, plan.total_steps, workdir)
 
     p_train_step, p_eval_step = make_steps(model, tx, config.aug, plan, weights, data.mean, data.std,

@@ -176,6 +176,15 @@ def test_short_run_on_the_cifar10_subset_learns(uninterrupted):
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
 
 
+def test_the_run_writes_its_parameter_table(uninterrupted):
+  workdir, params = uninterrupted
+  table = (workdir / rundir.PARAMETERS_FILE).read_text()
+  total = sum(int(np.size(p)) for p in params)
+  # clu's table: one row per array (name, shape, size, mean, std) and the total on its last line.
+  assert f"Total: {total:,}" in table, table[-500:]
+  assert "block1/layer0/scale1/conv/kernel" in table and "Std" in table.splitlines()[1]
+
+
 def interrupted_run(workdir, step: int) -> list[np.ndarray]:
   """Runs `tiny_config()` in `workdir` until a preemption after `step`; returns the parameters it saved."""
   with pytest.raises(train.Preempted, match=f"after step {step} of {STEPS}"):
