@@ -45,6 +45,16 @@ def run_loop_fields(train: Any) -> None:
   train.coordinator_address = ""
   train.num_processes = 0  # 0: detected
   train.process_id = -1  # -1: detected
+  # Seconds without a heartbeat after which the coordination service declares a process dead; then every
+  # other process stops (exit status 4, one line naming the lost process and the last checkpoint).
+  train.heartbeat_timeout_s = 60
+  # jax.transfer_guard level for the training steps: "disallow" makes any implicit host<->device transfer
+  # inside a step an error (the tests run so); "allow" is JAX's default.
+  train.transfer_guard = "allow"
+  train.async_checkpoints = True  # orbax writes a checkpoint while the next steps run
+  # How a save is committed (checkpoints.COMMIT_MODES): "auto" picks "commit_file" on a FUSE mount (a
+  # gcsfuse bucket, whose renames are not atomic) and "rename" elsewhere.
+  train.checkpoint_commit = "auto"
   train.num_shards = 0  # batch shards (BatchNorm, Mixup units); 0: 1 per device; set: any device count
 
 
