@@ -32,23 +32,75 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint in a workdir."""
 
 
+# How a save is committed: "rename" (orbax's default: written in a temporary folder, renamed when complete;
+# atomic on local disks and NFS), "commit_file" (written in place, complete once commit_success.txt is
+# written: for filesystems whose rename is not atomic, such as a bucket mounted with gcsfuse), or "auto"
+# (commit_file on a FUSE mount, rename elsewhere).
+COMMIT_MODES = ("auto", "rename", "commit_file")
+COMMIT_FILE = "commit_success.txt"  # orbax writes it into a step's folder when the step is complete
+
+
+def _mount_type(path: str) -> str:
+  """The filesystem type of the mount that holds `path` (Linux /proc/mounts; "" elsewhere)."""
+  path = os.path.realpath(path)
+  best, kind = "", ""
+  try:
+    with open("/proc/mounts") as f:
+      for line in f:
+        fields = line.split()
+        if len(fields) >= 3 and (path == fields[1] or path.startswith(fields[1].rstrip("/") + "/")):
+          if len(fields[1]) >= len(best):
+            best, kind = fields[1], fields[2]
+  except OSError:
+    return ""
+  return kind
+
+
+def commit_mode(workdir: str, requested: str = "auto") -> str:
+  """`requested`, with "auto" resolved for `workdir`'s filesystem ("commit_file" on a FUSE mount)."""
+  if requested not in COMMIT_MODES:
+    raise CheckpointError(f"config.train.checkpoint_commit={requested!r} is not one of {', '.join(COMMIT_MODES)}")
+  if requested != "auto":
+    return requested
+  probe = os.path.abspath(workdir)
+  while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+    probe = os.path.dirname(probe)
+  return "commit_file" if _mount_type(probe).startswith("fuse") else "rename"
+
+
 def manager(workdir: str, *, max_to_keep: int | None = 3, read_only: bool = False,
-            enable_async: bool = False) -> ocp.CheckpointManager:
-  """The run's checkpoint manager. Saves are synchronous by default: a run that stops keeps its save."""
+            enable_async: bool = False, commit: str = "auto") -> ocp.CheckpointManager:
+  """The run's checkpoint manager. Saves are synchronous unless `enable_async` (training's default: the
+  loop goes on while orbax writes; `save` with ``wait=False``); `commit` is one of `COMMIT_MODES`."""
+  if "://" in workdir:
+    raise CheckpointError(f"--workdir={workdir}: give a local path; for a bucket, mount it (gcsfuse) and "
+                          "pass the mount's path (see experiments/tpu_vm.md)")
+  extra = {}
+  if not read_only and commit_mode(workdir, commit) == "commit_file":
+    from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
+    extra["temporary_path_class"] = atomicity.CommitFileTemporaryPath
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                          read_only=read_only,
-                                         enable_async_checkpointing=enable_async)
+                                         enable_async_checkpointing=enable_async, **extra)
   # The handler is named up front (not inferred from the first save), so that a reader's manager can
   # read a step's metadata before restoring it.
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_handlers={"state": ocp.StandardCheckpointHandler()})
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any]) -> None:
-  """Saves `state` (a pytree of arrays; replicated arrays must be un-replicated first) at `step`."""
+def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], *, wait: bool = True) -> None:
+  """Saves `state` (a pytree of arrays; replicated arrays must be un-replicated first) at `step`. The
+  arrays are copied to host memory first; with an asynchronous manager and ``wait=False`` the files are
+  written in the background (`mngr.wait_until_finished` waits for them)."""
   state = jax.tree.map(np.asarray, jax.device_get(state))
   mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
-  mngr.wait_until_finished()
+  if wait:
+    mngr.wait_until_finished()
+
+
+def committed(workdir: str, step: int) -> bool:
+  """Whether step `step`'s folder is complete (its commit file exists)."""
+  return os.path.exists(os.path.join(checkpoint_dir(workdir), str(step), COMMIT_FILE))
 
 
 def set_aside(workdir: str, step: int) -> str:
@@ -130,6 +182,12 @@ def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None,
   steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
   errors, unreadable = [], []
   for s in steps:
+    if not committed(workdir, s):  # a save cut short (commit-file mode writes in place)
+      errors.append(f"step {s}: not committed (a save that was cut short)")
+      unreadable.append(s)
+      logging.warning("checkpoint step %s in %s was never committed (a save cut short); trying an older "
+                      "one", s, checkpoint_dir(workdir))
+      continue
     try:
       keys = set(mngr.item_metadata(s)["state"].keys())
       tree = target(keys) if callable(target) else target
@@ -156,6 +214,17 @@ def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None,
         multihost_utils.sync_global_devices("msdfuse_jax:set_aside_unreadable")
       mngr.reload()
     return int(s), restored["state"]
+  never_committed = [s for s in unreadable if not committed(workdir, s)]
+  if errors and len(never_committed) == len(unreadable):  # only saves cut short: as if none was made
+    if set_aside_unreadable and jax.process_index() == 0:
+      for bad in never_committed:
+        logging.warning("moved uncommitted checkpoint step %s to %s", bad, set_aside(workdir, bad))
+    if set_aside_unreadable:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices("msdfuse_jax:set_aside_uncommitted")
+      mngr.reload()
+    return None
   if errors:
     raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)}: " + "; ".join(errors)
                           + ". Move the unreadable step folders away (or use another --workdir) to start "

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from msdfuse_jax import checkpoints
 from msdfuse_jax.tools import flags_util
 from tests.conftest import REPO, shared_file, tool_command
 
@@ -23,13 +24,13 @@ STEPS = 6
 TIMEOUT = 420  # seconds per run, start-up and compilation on a loaded 2-core machine included
 
 
-def _command(workdir: pathlib.Path, steps: int = STEPS) -> list[str]:
+def _command(workdir: pathlib.Path, steps: int = STEPS, *extra: str) -> list[str]:
   data = shared_file("data", "cifar-10-python-subset.tar.gz")
   return tool_command(
       "train_main", f"--config={REPO}/configs/cifar.py:dataset=cifar10,model=msdnet_tiny,runlocal",
       "--config.data.source=archive", f"--config.data.path={data}", f"--config.train.num_steps={steps}",
       "--config.train.checkpoint_every_steps=2", "--config.train.eval_every_steps=1000",
-      "--config.train.log_every_steps=2", f"--workdir={workdir}")
+      "--config.train.log_every_steps=2", f"--workdir={workdir}", *extra)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -37,16 +38,18 @@ def _env(**extra: str) -> dict[str, str]:
   return {**env, "JAX_PLATFORMS": "cpu", **extra}
 
 
-def train(workdir: pathlib.Path, steps: int = STEPS, **env: str) -> str:
+def train(workdir: pathlib.Path, steps: int = STEPS, *extra: str, **env: str) -> str:
   """Runs msdfuse-train to `steps`; returns its stderr (asserting exit status 0)."""
-  proc = subprocess.run(_command(workdir, steps), cwd=REPO, env=_env(**env), capture_output=True, text=True,
+  proc = subprocess.run(_command(workdir, steps, *extra), cwd=REPO, env=_env(**env), capture_output=True, text=True,
                         timeout=TIMEOUT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stderr
 
 
 def saved_steps(workdir: pathlib.Path) -> list[int]:
-  return sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+  """The committed checkpoint steps (a step folder without its commit file is a save cut short)."""
+  return sorted(int(n) for n in os.listdir(workdir / "checkpoints")
+                if n.isdigit() and checkpoints.committed(str(workdir), int(n)))
 
 
 # The modules whose log lines a default run shows: the project's own.
@@ -120,39 +123,47 @@ def test_a_corrupt_step_is_set_aside_quietly(first_run, tmp_path):
   assert len(os.listdir(workdir / "unreadable_checkpoints")) == 1
 
 
-# Loaded by the run below through PYTHONPATH: holds the rename that ends step 4's save until the test kills
-# the process (a marker file says the save got there).
+# Loaded by the run below through PYTHONPATH: holds the commit that ends step 4's save (orbax's rename, or
+# its commit file) until the test kills the process; a marker file says the save got there.
 _HOLD_FINALIZE = '''
 import asyncio, os, pathlib
 from orbax.checkpoint._src.path import atomicity
 
-_original = atomicity.AtomicRenameTemporaryPath.finalize
+def _hold(cls):
+  original = cls.finalize
+  async def held(self, *args, **kwargs):
+    if pathlib.Path(str(self._final_path)).name == os.environ["HOLD_STEP"]:
+      pathlib.Path(os.environ["HOLD_MARKER"]).write_text(cls.__name__)
+      await asyncio.sleep(3600)
+    return await original(self, *args, **kwargs)
+  cls.finalize = held
 
-async def _held(self, *args, **kwargs):
-  if pathlib.Path(str(self._final_path)).name == os.environ["HOLD_STEP"]:
-    pathlib.Path(os.environ["HOLD_MARKER"]).write_text("holding")
-    await asyncio.sleep(3600)
-  return await _original(self, *args, **kwargs)
-
-atomicity.AtomicRenameTemporaryPath.finalize = _held
+_hold(atomicity.AtomicRenameTemporaryPath)
+_hold(atomicity.CommitFileTemporaryPath)
 '''
 
 
 @pytest.mark.slow
-def test_a_kill_during_a_save_resumes_from_the_previous_step(tmp_path):
+@pytest.mark.parametrize("commit", ["rename", "commit_file"])
+def test_a_kill_during_a_save_resumes_from_the_previous_step(tmp_path, commit):
+  """With asynchronous saves (the default), in both commit modes: kill -9 while step 4 is being committed
+  (training goes on meanwhile); the same command resumes from step 2 and saves step 4 anew."""
   hook = tmp_path / "hook"
   hook.mkdir()
   (hook / "sitecustomize.py").write_text(_HOLD_FINALIZE)
   marker, workdir = tmp_path / "holding", tmp_path / "run"
+  mode = f"--config.train.checkpoint_commit={commit}"
   env = _env(HOLD_STEP="4", HOLD_MARKER=str(marker),
              PYTHONPATH=os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.Popen(_command(workdir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(_command(workdir, STEPS, mode), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.monotonic() + TIMEOUT
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
       time.sleep(0.2)
     assert marker.exists(), proc.communicate(timeout=60)[1][-3000:] if proc.poll() is not None else "timeout"
+    assert marker.read_text() == {"rename": "AtomicRenameTemporaryPath",
+                                  "commit_file": "CommitFileTemporaryPath"}[commit]
     proc.send_signal(signal.SIGKILL)  # step 4's arrays are written, its folder not yet committed
     proc.communicate(timeout=60)
   finally:
@@ -160,10 +171,22 @@ def test_a_kill_during_a_save_resumes_from_the_previous_step(tmp_path):
       proc.kill()
   assert proc.returncode == -signal.SIGKILL
   assert saved_steps(workdir) == [2]
-  err = train(workdir)  # the same command, without the hold
+  err = train(workdir, STEPS, mode)  # the same command, without the hold
   assert "resumed run" in err and "at step 2 of 6" in err, err[-3000:]
   assert "Traceback" not in err
   assert saved_steps(workdir) == [2, 4, 6]
+
+
+def test_commit_modes_resolve_and_bad_ones_are_named(tmp_path, monkeypatch):
+  assert checkpoints.commit_mode(str(tmp_path), "auto") == "rename"  # pytest's tmp: a local disk
+  assert checkpoints.commit_mode(str(tmp_path), "commit_file") == "commit_file"
+  monkeypatch.setattr(checkpoints, "_mount_type", lambda path: "fuse.gcsfuse")
+  assert checkpoints.commit_mode(str(tmp_path / "new" / "run"), "auto") == "commit_file"
+  assert checkpoints.commit_mode(str(tmp_path), "rename") == "rename"
+  with pytest.raises(checkpoints.CheckpointError, match="checkpoint_commit"):
+    checkpoints.commit_mode(str(tmp_path), "atomic")
+  with pytest.raises(checkpoints.CheckpointError, match="gcsfuse"):
+    checkpoints.manager("gs://bucket/run")
 
 
 if __name__ == "__main__":
