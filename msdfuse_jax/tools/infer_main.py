@@ -64,7 +64,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  app.run(main)
+  flags_util.run_tool(main)
 
 
 if __name__ == "__main__":
