@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -30,23 +32,75 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint in a workdir."""
 
 
+# How a save is committed: "rename" (orbax's default: written in a temporary folder, renamed when complete;
+# atomic on local disks and NFS), "commit_file" (written in place, complete once commit_success.txt is
+# written: for filesystems whose rename is not atomic, such as a bucket mounted with gcsfuse), or "auto"
+# (commit_file on a FUSE mount, rename elsewhere).
+COMMIT_MODES = ("auto", "rename", "commit_file")
+COMMIT_FILE = "commit_success.txt"  # orbax writes it into a step's folder when the step is complete
+
+
+def _mount_type(path: str) -> str:
+  """The filesystem type of the mount that holds `path` (Linux /proc/mounts; "" elsewhere)."""
+  path = os.path.realpath(path)
+  best, kind = "", ""
+  try:
+    with open("/proc/mounts") as f:
+      for line in f:
+        fields = line.split()
+        if len(fields) >= 3 and (path == fields[1] or path.startswith(fields[1].rstrip("/") + "/")):
+          if len(fields[1]) >= len(best):
+            best, kind = fields[1], fields[2]
+  except OSError:
+    return ""
+  return kind
+
+
+def commit_mode(workdir: str, requested: str = "auto") -> str:
+  """`requested`, with "auto" resolved for `workdir`'s filesystem ("commit_file" on a FUSE mount)."""
+  if requested not in COMMIT_MODES:
+    raise CheckpointError(f"config.train.checkpoint_commit={requested!r} is not one of {', '.join(COMMIT_MODES)}")
+  if requested != "auto":
+    return requested
+  probe = os.path.abspath(workdir)
+  while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+    probe = os.path.dirname(probe)
+  return "commit_file" if _mount_type(probe).startswith("fuse") else "rename"
+
+
 def manager(workdir: str, *, max_to_keep: int | None = 3, read_only: bool = False,
-            enable_async: bool = False) -> ocp.CheckpointManager:
-  """The run's checkpoint manager. Saves are synchronous by default: a run that stops keeps its save."""
+            enable_async: bool = False, commit: str = "auto") -> ocp.CheckpointManager:
+  """The run's checkpoint manager. Saves are synchronous unless `enable_async` (training's default: the
+  loop goes on while orbax writes; `save` with ``wait=False``); `commit` is one of `COMMIT_MODES`."""
+  if "://" in workdir:
+    raise CheckpointError(f"--workdir={workdir}: give a local path; for a bucket, mount it (gcsfuse) and "
+                          "pass the mount's path (see experiments/tpu_vm.md)")
+  extra = {}
+  if not read_only and commit_mode(workdir, commit) == "commit_file":
+    from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
+    extra["temporary_path_class"] = atomicity.CommitFileTemporaryPath
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                          read_only=read_only,
-                                         enable_async_checkpointing=enable_async)
+                                         enable_async_checkpointing=enable_async, **extra)
   # The handler is named up front (not inferred from the first save), so that a reader's manager can
   # read a step's metadata before restoring it.
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_handlers={"state": ocp.StandardCheckpointHandler()})
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any]) -> None:
-  """Saves `state` (a pytree of arrays; replicated arrays must be un-replicated first) at `step`."""
+def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], *, wait: bool = True) -> None:
+  """Saves `state` (a pytree of arrays; replicated arrays must be un-replicated first) at `step`. The
+  arrays are copied to host memory first; with an asynchronous manager and ``wait=False`` the files are
+  written in the background (`mngr.wait_until_finished` waits for them)."""
   state = jax.tree.map(np.asarray, jax.device_get(state))
   mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
-  mngr.wait_until_finished()
+  if wait:
+    mngr.wait_until_finished()
+
+
+def committed(workdir: str, step: int) -> bool:
+  """Whether step `step`'s folder is complete (its commit file exists)."""
+  return os.path.exists(os.path.join(checkpoint_dir(workdir), str(step), COMMIT_FILE))
 
 
 def set_aside(workdir: str, step: int) -> str:
@@ -58,6 +112,43 @@ def set_aside(workdir: str, step: int) -> str:
   target = os.path.join(target_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
   shutil.move(source, target)
   return target
+
+
+def _is_abandoned_read(exc: BaseException | None) -> bool:
+  """RuntimeError('Event loop is closed') raised by asyncio's ``_check_closed``: a read of an unreadable step
+  that orbax gave up on, whose remaining tensorstore futures complete after orbax closed their event loop."""
+  if not isinstance(exc, RuntimeError) or str(exc) != "Event loop is closed":
+    return False
+  tb = exc.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
+
+
+_quiet_installed = threading.Lock()
+_quiet_done = False
+
+
+def _quiet_abandoned_reads() -> None:
+  """From now on, the process prints no traceback for `_is_abandoned_read` errors (each abandoned array
+  read of a corrupt step printed one, hundreds in all, through sys.excepthook or sys.unraisablehook from
+  tensorstore's threads); every other error is printed as before. Installed once a step is unreadable."""
+  global _quiet_done
+  with _quiet_installed:
+    if _quiet_done:
+      return
+    _quiet_done = True
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(kind, value, tb):
+    if not _is_abandoned_read(value):
+      excepthook(kind, value, tb)
+
+  def quiet_unraisablehook(unraisable):
+    if not _is_abandoned_read(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
 
 
 def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None, step: int | None = None,
@@ -91,19 +182,26 @@ def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None,
   steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
   errors, unreadable = [], []
   for s in steps:
+    if not committed(workdir, s):  # a save cut short (commit-file mode writes in place)
+      errors.append(f"step {s}: not committed (a save that was cut short)")
+      unreadable.append(s)
+      logging.warning("checkpoint step %s in %s was never committed (a save cut short); trying an older "
+                      "one", s, checkpoint_dir(workdir))
+      continue
     try:
       keys = set(mngr.item_metadata(s)["state"].keys())
       tree = target(keys) if callable(target) else target
       restore_args = ocp.args.StandardRestore(tree) if tree is not None else ocp.args.StandardRestore()
       restored = mngr.restore(s, args=ocp.args.Composite(state=restore_args))
     except Exception as e:  # orbax raises many types for unreadable files  # pylint: disable=broad-except
+      _quiet_abandoned_reads()
       reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
       errors.append(f"step {s}: {reason}")
       unreadable.append(s)
       logging.warning("checkpoint step %s in %s is unreadable (%s); trying an older one", s,
                       checkpoint_dir(workdir), reason)
       continue
-    if unreadable:
+    if unreadable and not set_aside_unreadable:  # else the set-aside's own warning says it
       logging.warning("using checkpoint step %s of %s (newer steps %s are unreadable)", s,
                       checkpoint_dir(workdir), unreadable)
     if set_aside_unreadable and unreadable:
@@ -116,6 +214,17 @@ def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None,
         multihost_utils.sync_global_devices("msdfuse_jax:set_aside_unreadable")
       mngr.reload()
     return int(s), restored["state"]
+  never_committed = [s for s in unreadable if not committed(workdir, s)]
+  if errors and len(never_committed) == len(unreadable):  # only saves cut short: as if none was made
+    if set_aside_unreadable and jax.process_index() == 0:
+      for bad in never_committed:
+        logging.warning("moved uncommitted checkpoint step %s to %s", bad, set_aside(workdir, bad))
+    if set_aside_unreadable:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices("msdfuse_jax:set_aside_uncommitted")
+      mngr.reload()
+    return None
   if errors:
     raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)}: " + "; ".join(errors)
                           + ". Move the unreadable step folders away (or use another --workdir) to start "

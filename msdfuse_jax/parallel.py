@@ -25,6 +25,8 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 AXIS = "data"  # the mesh axis every collective of the train and eval steps reduces over
+# config.train.heartbeat_timeout_s's default: a process silent this long is declared dead (JAX's is 100 s).
+HEARTBEAT_TIMEOUT_S = 60
 
 
 class DistributedError(RuntimeError):
@@ -71,7 +73,7 @@ def maybe_initialize_distributed(train: Any) -> None:
       jax.config.update(option, value)
     except AttributeError:  # an option a later JAX renamed or dropped: its default then applies
       logging.warning("this JAX has no option %s; left at its default", option)
-  kwargs = {}
+  kwargs = {"heartbeat_timeout_seconds": int(train.get("heartbeat_timeout_s", HEARTBEAT_TIMEOUT_S))}
   if address:
     kwargs["coordinator_address"] = address
   if count > 0:
@@ -150,14 +152,15 @@ def batch(tree: Any) -> Any:
   """This process's part of a batch (leading axis: its devices' blocks, in mesh order) as global arrays
   split over the mesh; every process passes the same shapes."""
   sharding = split()
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+  with jax.transfer_guard_host_to_device("allow"):  # an explicit transfer, under any transfer guard
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def to_host(tree: Any) -> Any:
   """Host numpy copies of replicated arrays (this process's first copy: no communication)."""
   def first(x):
     if isinstance(x, jax.Array):
-      return np.asarray(x.addressable_shards[0].data)
+      return np.asarray(jax.device_get(x.addressable_shards[0].data))  # explicit: passes a transfer guard
     return np.asarray(x)
   return jax.tree.map(first, tree)
 

@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 CONFIG_FILE = "config.json"
 VAL_SPLIT_FILE = "val_split.json"
@@ -30,6 +31,7 @@ UNREADABLE_CHECKPOINT_DIR = "unreadable_checkpoints"  # unreadable steps set asi
 FINAL_METRICS_FILE = "final_metrics.json"
 EVAL_DIR = "eval"
 INFER_FILE = "infer.json"  # inside EVAL_DIR
+PARAMETERS_FILE = "parameters.txt"  # the model's parameter table, written at the start of every run
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -71,3 +73,15 @@ def _tuples(obj: Any) -> Any:
   if isinstance(obj, list):
     return tuple(_tuples(v) for v in obj)
   return obj
+
+
+def write_parameter_overview(workdir: str, params: Any) -> tuple[int, int, str]:
+  """Writes the table of `params` (clu.parameter_overview: name, shape, size, mean and std of each array) to
+  ``WORKDIR/parameters.txt``; returns (parameter count, array count, the file's path)."""
+  from clu import parameter_overview  # pylint: disable=import-outside-toplevel  (imports no TensorFlow)
+  import jax  # pylint: disable=import-outside-toplevel
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  path = os.path.join(workdir, PARAMETERS_FILE)
+  with open(path, "w") as f:
+    f.write(parameter_overview.get_parameter_overview(params, include_stats=True) + "\n")
+  return parameter_overview.count_parameters(params), len(jax.tree.leaves(params)), path

@@ -17,6 +17,7 @@ automatic resumption, and a clear stop on a non-finite loss.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -235,6 +236,9 @@ def evaluate_all(p_eval_step, state: ts.TrainState, eval_sets: dict[str, tuple[n
 
 
 PIPELINES = ("device", "stream")
+# With several processes, the stop vote read each step is the one of this many steps before (see the loop).
+VOTE_LAG = 3
+TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 
 
 def check_pipeline(pipeline: str) -> str:
@@ -413,6 +417,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError(str(e)) from None
   tech = techniques(config)
   pipeline = check_pipeline(config.data.get("pipeline", "device"))  # before the (slow) data loading
+  if config.train.get("transfer_guard", "allow") not in TRANSFER_GUARDS:
+    raise ConfigError(f"config.train.transfer_guard={config.train.transfer_guard!r} is not one of "
+                      f"{', '.join(TRANSFER_GUARDS)} (jax.transfer_guard's levels)")
   # Process 0 writes the run's files (every process computes the same validation split).
   data = data_lib.load(config.dataset, config.data, workdir, save_split=jax.process_index() == 0)
   if jax.process_index() == 0:
@@ -425,7 +432,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   with contextlib.ExitStack() as cleanup:
     # Every process opens the manager (creating the directory) before anything reads it, so that all of
     # them see the same checkpoints and make the same orbax calls.
-    mngr = checkpoints.manager(workdir, max_to_keep=config.train.keep_checkpoints)
+    # Asynchronous saves: the loop goes on while orbax writes; a stop or the end waits for the write.
+    mngr = checkpoints.manager(workdir, max_to_keep=config.train.keep_checkpoints,
+                               enable_async=bool(config.train.get("async_checkpoints", True)),
+                               commit=config.train.get("checkpoint_commit", "auto"))
     cleanup.callback(mngr.close)
     image_size = sources.image_size(config.dataset)
     # A resumed run restores into the state's shapes: it neither runs nor compiles the initialiser.
@@ -436,6 +446,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     logging.info("%s run in %s at step %d of %d (%d steps/epoch, %d shards of %d on %d devices, %d "
                  "processes, %s pipeline)", how, workdir, start, plan.total_steps, plan.steps_per_epoch,
                  plan.num_shards, plan.shard_batch, jax.device_count(), jax.process_count(), pipeline)
+    if jax.process_index() == 0:
+      count, arrays, table = rundir.write_parameter_overview(workdir, state.params)
+      logging.info("%s: %s parameters in %d arrays (table: %s)", config.model.name, f"{count:,}", arrays,
+                   table)
     _stop_before(stop, start, plan.total_steps, workdir)
 
     p_train_step, p_eval_step = make_steps(model, tx, config.aug, plan, weights, data.mean, data.std,
@@ -462,18 +476,27 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     _stop_before(stop, start, plan.total_steps, workdir)
     single = jax.process_count() == 1
     vote_arrays = {asked: parallel.stop_votes(asked) for asked in (False, True)}  # made once, not per step
-    previous_votes = None
+    vote_totals: collections.deque = collections.deque()  # the newest steps' summed stop votes
+    guard = config.train.get("transfer_guard", "allow")
+    received = None  # the step before which this process saw SIGTERM
     for step in range(start, plan.total_steps):
       done = step + 1
-      # Every process votes with each step it dispatches; the step sums the votes over all devices, so
-      # every process learns the same total and stops after the same step.
-      votes = vote_arrays[bool(stop.reached(step))]
-      state, metrics, step_votes = p_train_step(state, *feed(step), votes, aug_rng)
-      # Reading the previous step's vote total waits for that step: the host runs at most one step ahead
-      # of the devices, so the queue stays full and SIGTERM (whose handler runs only between Python
-      # bytecodes) is acted on within a step or two.
-      agreed_stop = previous_votes is not None and int(parallel.to_host(previous_votes)) > 0
-      previous_votes = step_votes
+      asked = bool(stop.reached(step))
+      if asked and received is None:
+        received = step
+      agreed_stop = False
+      # Only explicit transfers in a step (config.train.transfer_guard="disallow" checks it).
+      with jax.transfer_guard(guard):
+        # Every process votes with each step it dispatches; the step sums the votes over all devices, so
+        # every process learns the same total and stops after the same step.
+        state, metrics, step_votes = p_train_step(state, *feed(step), vote_arrays[asked], aug_rng)
+        if not single:
+          # The total of the step VOTE_LAG steps back: reading it waits for that step only, so the host
+          # keeps up to VOTE_LAG steps queued, and SIGTERM (whose handler runs only between Python
+          # bytecodes) is acted on within VOTE_LAG + 1 steps, on the same step in every process.
+          vote_totals.append(step_votes)
+          if len(vote_totals) > VOTE_LAG:
+            agreed_stop = int(parallel.to_host(vote_totals.popleft())) > 0
       loop.pending.append((done, metrics))
       last = done == plan.total_steps
       if done % config.train.log_every_steps == 0 or last:
@@ -489,8 +512,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       if (stop.reached(done) if single else agreed_stop) and not last:
         if loop.saved_step != done:
           loop.save(done, state)
+        mngr.wait_until_finished()
+        if received is not None:
+          logging.warning("SIGTERM received before step %d; stopping after step %d", received + 1, done)
         raise Preempted(f"stopped by SIGTERM after step {done} of {plan.total_steps}; checkpoint saved "
                         f"in {checkpoints.checkpoint_dir(workdir)}; run the same command to resume")
+    mngr.wait_until_finished()
     loop.write_final(workdir, plan.total_steps)
     return jax.tree.map(jnp.asarray, parallel.to_host(state))
 
@@ -565,6 +592,6 @@ class _Loop:
       raise NonFiniteLossError(f"non-finite parameters after step {step}; stopped without saving them; "
                                f"the last good checkpoint is step {self.saved_step} in "
                                f"{self.mngr.directory}")
-    checkpoints.save(self.mngr, step, host.to_checkpoint())
+    checkpoints.save(self.mngr, step, host.to_checkpoint(), wait=False)  # a synchronous manager waits
     self.saved_step = step
     logging.info("saved checkpoint at step %d", step)

@@ -15,6 +15,7 @@ config: msdnet_tiny on the real CIFAR-10 subset, 10 steps of 2 shards of 16, a c
 import contextlib
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from msdfuse_jax import checkpoints
+from msdfuse_jax import checkpoints, launcher, train
 from tests.conftest import REPO, shared_file, tool_command
 
 STEPS = 10
@@ -142,6 +143,10 @@ def interrupt(procs: list[subprocess.Popen]) -> list[int]:
     lines = [line for line in text.splitlines() if line.startswith("preempted: stopped by SIGTERM after")]
     assert len(lines) == 1 and "run the same command to resume" in lines[0], text[-3000:]
     stopped.append(int(lines[0].split("after step ")[1].split()[0]))
+    if i == len(procs) - 1:  # the process that got SIGTERM stops VOTE_LAG steps after it noticed it
+      noticed = re.findall(r"SIGTERM received before step (\d+); stopping after step (\d+)", text)
+      assert len(noticed) == 1, text[-3000:]
+      assert int(noticed[0][1]) == stopped[-1] == int(noticed[0][0]) + train.VOTE_LAG, noticed
   return stopped
 
 
@@ -225,3 +230,40 @@ def test_cli_with_inconsistent_distributed_fields_is_one_line(tmp_path):
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "process_id=5" in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_lost_process_ends_the_other_in_one_line_and_the_run_resumes(runs, tmp_path):
+  """kill -9 of process 1 mid-run: process 0 exits within the bound, status 4, one line naming process 1
+  and the last checkpoint, none of JAX's fatal dumps; the same commands then resume and finish the run."""
+  _, two_devices, _, _ = runs
+  workdir, heartbeat = tmp_path / "lost", 10
+  extra = (f"--config.train.heartbeat_timeout_s={heartbeat}",)
+  procs = launch(workdir, 2, extra=extra)
+  seen = []
+  try:
+    for line in iter(procs[0].stderr.readline, ""):
+      seen.append(line)
+      if f"step 3/{STEPS}" in line:
+        break
+    assert any(f"step 3/{STEPS}" in line for line in seen), "".join(seen)[-3000:]
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, rest = procs[0].communicate(timeout=heartbeat + launcher.VERDICT_MARGIN_S + 60)
+    elapsed = time.monotonic() - killed
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+  err = "".join(seen) + rest
+  assert procs[0].returncode == launcher.LOST_PROCESS_STATUS, err[-3000:]
+  assert elapsed <= heartbeat + launcher.VERDICT_MARGIN_S + 30, elapsed
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: process 1 of the run was lost"), last
+  step = max(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+  assert f"last checkpoint: step {step} in " in last, last
+  assert "Fatal Python error" not in err and "Traceback" not in err and "Check failure" not in err
+  assert any(name.endswith("-jax.txt") for name in os.listdir(workdir / launcher.CRASH_REPORT_DIR))
+  run(workdir, 2, extra=extra)  # the same commands resume from that checkpoint and finish
+  assert max_difference(state_at(workdir, STEPS), state_at(two_devices, STEPS)) <= 1e-6

@@ -49,6 +49,9 @@ def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
   config.train.eval_every_steps = 1000  # evaluation at the end only
   config.train.checkpoint_every_steps = 40
   config.eval.batch_size = 512
+  # The steps between two log points run with implicit host<->device transfers forbidden: only the
+  # explicit ones (the stream pipeline's batches, the metrics and votes read back) may cross.
+  config.train.transfer_guard = "disallow"
   for key, value in train_overrides.items():
     config.train[key] = value
   return config
@@ -174,6 +177,15 @@ def test_short_run_on_the_cifar10_subset_learns(uninterrupted):
   assert rundir.load_config(str(workdir)).model.name == "msdnet_tiny"
   assert (workdir / rundir.VAL_SPLIT_FILE).exists()
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+
+
+def test_the_run_writes_its_parameter_table(uninterrupted):
+  workdir, params = uninterrupted
+  table = (workdir / rundir.PARAMETERS_FILE).read_text()
+  total = sum(int(np.size(p)) for p in params)
+  # clu's table: one row per array (name, shape, size, mean, std) and the total on its last line.
+  assert f"Total: {total:,}" in table, table[-500:]
+  assert "block1/layer0/scale1/conv/kernel" in table and "Std" in table.splitlines()[1]
 
 
 def interrupted_run(workdir, step: int) -> list[np.ndarray]:
@@ -460,3 +472,14 @@ def test_cli_missing_data_is_one_line_naming_the_file(tmp_path):
   assert "Traceback" not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "nowhere.tar.gz" in last
+
+
+def test_an_implicit_transfer_in_a_step_is_caught_by_the_transfer_guard(tmp_path, monkeypatch):
+  # The votes as a host array: jit would copy it to the device implicitly with every step.
+  monkeypatch.setattr(parallel, "stop_votes",
+                      lambda requested: np.full(jax.local_device_count(), int(requested), np.int32))
+  with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
+  config = tiny_config(transfer_guard="sometimes")
+  with pytest.raises(train.ConfigError, match="transfer_guard"):
+    train.train_and_evaluate(config, str(tmp_path / "other"))

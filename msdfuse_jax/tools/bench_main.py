@@ -249,7 +249,6 @@ def main(argv) -> None:
     xla_flags.use_fast_cpu_flags()  # read when the backend starts, i.e. below
   if FLAGS.compilation_cache:
     flags_util.enable_compilation_cache()
-  flags_util.quiet_library_logs()
   config = flags_util.config_or_fail("configs/cifar.py:dataset=cifar100,model=msdnet_anytime7")
   batch_size = FLAGS.batch_size or config.train.batch_size
   eval_batch_size = FLAGS.eval_batch_size or config.eval.batch_size

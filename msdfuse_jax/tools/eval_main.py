@@ -26,7 +26,6 @@ def main(argv) -> None:
   if not FLAGS.workdir:
     flags_util.fail("--workdir is required: the directory of a training run")
   flags_util.enable_compilation_cache()
-  flags_util.quiet_library_logs()
   try:
     summary = evaluate.evaluate_run(FLAGS.workdir, FLAGS.out_dir, with_xla=FLAGS.xla)
   except (FileNotFoundError, ValueError, checkpoints.CheckpointError, sources.DataError) as e:
@@ -41,7 +40,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  app.run(main)
+  flags_util.run_tool(main)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ def main(argv) -> None:
       os.path.isdir(FLAGS.out) and os.listdir(FLAGS.out)):
     flags_util.fail(f"--out={FLAGS.out} exists and is not empty: give a new directory")
   flags_util.enable_compilation_cache()
-  flags_util.quiet_library_logs()
   try:
     manifest = exporting.export_run(FLAGS.workdir, FLAGS.out, FLAGS.p, FLAGS.budget, FLAGS.batch_size,
                                     FLAGS.num_buckets, platforms=FLAGS.platforms)
@@ -57,7 +56,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  app.run(main)
+  flags_util.run_tool(main)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging as logging_std
 import os
+import pathlib
 import re
 import sys
 from typing import Any, Sequence
@@ -44,6 +45,16 @@ def run_loop_fields(train: Any) -> None:
   train.coordinator_address = ""
   train.num_processes = 0  # 0: detected
   train.process_id = -1  # -1: detected
+  # Seconds without a heartbeat after which the coordination service declares a process dead; then every
+  # other process stops (exit status 4, one line naming the lost process and the last checkpoint).
+  train.heartbeat_timeout_s = 60
+  # jax.transfer_guard level for the training steps: "disallow" makes any implicit host<->device transfer
+  # inside a step an error (the tests run so); "allow" is JAX's default.
+  train.transfer_guard = "allow"
+  train.async_checkpoints = True  # orbax writes a checkpoint while the next steps run
+  # How a save is committed (checkpoints.COMMIT_MODES): "auto" picks "commit_file" on a FUSE mount (a
+  # gcsfuse bucket, whose renames are not atomic) and "rename" elsewhere.
+  train.checkpoint_commit = "auto"
   train.num_shards = 0  # batch shards (BatchNorm, Mixup units); 0: 1 per device; set: any device count
 
 
@@ -108,12 +119,14 @@ def describe_override_error(argv: Sequence[str]) -> str | None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error (exit status 2) for an override of a field that does not
-  exist, in place of ml_collections' traceback. Pass it to ``app.run(main, flags_parser=parse_flags)``."""
+  exist, in place of ml_collections' traceback; then the libraries' log lines are quietened
+  (`quiet_library_logs`). Pass it to ``app.run(main, flags_parser=parse_flags)``."""
   try:
-    return app.parse_flags_with_usage(argv)
+    rest = app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
     fail(describe_override_error(argv) or f"bad --config override: {e}")
-  return []  # not reached
+  quiet_library_logs()
+  return rest
 
 
 def run_tool(main) -> None:
@@ -146,21 +159,40 @@ def enable_compilation_cache(path: str | None = None) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-class _LibraryInfoFilter(logging_std.Filter):
-  """Drops INFO/DEBUG records that orbax and the TPU probe emit on every save (dozens per checkpoint)."""
+# Set to 1 to see the libraries' own log lines (also shown with --verbosity=1 or more).
+LIBRARY_LOGS_ENV = "MSDFUSE_JAX_LIBRARY_LOGS"
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1]) + os.sep  # msdfuse_jax/
+# Warnings that libraries emit for what the project does on purpose (a checkpoint read without writing).
+_EXPECTED_WARNINGS = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
 
-  NOISY = ("/orbax/", "/jax/_src/xla_bridge.py")
+
+class _ProjectLogFilter(logging_std.Filter):
+  """Keeps a tool's output to the project's own progress lines and real warnings: INFO and DEBUG records
+  of libraries (optax's note on a constant schedule, JAX's backend probe, orbax's per-save lines) and the
+  warnings listed in `_EXPECTED_WARNINGS` are dropped."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in self.NOISY)
+    if record.levelno >= logging_std.WARNING:
+      return not any(text in str(record.msg) for text in _EXPECTED_WARNINGS)
+    return os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
+
+
+def library_logs_wanted() -> bool:
+  """Whether the user asked for the libraries' log lines (`LIBRARY_LOGS_ENV` or --verbosity >= 1)."""
+  verbosity = flags.FLAGS["verbosity"].value if "verbosity" in flags.FLAGS else 0
+  return os.environ.get(LIBRARY_LOGS_ENV, "") not in ("", "0") or verbosity >= 1
 
 
 def quiet_library_logs() -> None:
-  """Keeps the tools' own progress lines readable: libraries log warnings and errors only."""
+  """Installs `_ProjectLogFilter` on absl's handler (and Python's root handlers), unless the user asked for
+  the libraries' logs. Idempotent; `parse_flags` calls it for every tool."""
+  if library_logs_wanted():
+    return
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  handler = absl_logging.get_absl_handler()
-  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
-    handler.addFilter(_LibraryInfoFilter())
+  absl_handler = absl_logging.get_absl_handler()  # it hands records to its python_handler, unfiltered
+  for handler in [absl_handler, absl_handler.python_handler, *logging_std.getLogger().handlers]:
+    if not any(isinstance(f, _ProjectLogFilter) for f in handler.filters):
+      handler.addFilter(_ProjectLogFilter())
 
 
 def define_budget_flags() -> None:

@@ -31,7 +31,6 @@ def main(argv) -> None:
   for name in ("config", "state_dict", "workdir"):
     if getattr(FLAGS, name) is None:
       flags_util.fail(f"--{name} is required")
-  flags_util.quiet_library_logs()
   try:
     where = torch_msdnet.import_weights(FLAGS.config, FLAGS.state_dict, FLAGS.workdir,
                                          allow_pickle=FLAGS.allow_pickle)

@@ -38,7 +38,6 @@ def main(argv) -> None:
     flags_util.fail("--export runs the export's own budget: leave out --p and --budget")
   flags_util.check_budget_flags(budget_required=FLAGS.export is None)
   flags_util.enable_compilation_cache()
-  flags_util.quiet_library_logs()
   try:
     out = inference.run_inference(FLAGS.workdir, FLAGS.p, FLAGS.budget,
                                   None if FLAGS.export else FLAGS.batch_size, FLAGS.repeats, FLAGS.export)
@@ -66,7 +65,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  app.run(main)
+  flags_util.run_tool(main)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
 
 Re-running the same command resumes from the newest checkpoint. SIGTERM saves a checkpoint at the next step
 boundary and exits with status 143; a non-finite loss stops with status 3. Bad input (missing data,
-unknown model, impossible batch layout) is reported in one line, with status 2.
+unknown model, impossible batch layout) is reported in one line, with status 2. In a multi-process run, a
+process that is lost (killed, out of memory, its host gone) stops the others within the heartbeat timeout
+(``config.train.heartbeat_timeout_s``, 60 s) with one line naming it and the last checkpoint, status 4
+(`msdfuse_jax.launcher`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wron
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from msdfuse_jax import checkpoints, parallel, train, xla_flags
+from msdfuse_jax import checkpoints, launcher, parallel, train, xla_flags
 from msdfuse_jax.data import sources
 from msdfuse_jax.tools import flags_util
 
@@ -38,6 +41,10 @@ def main(argv) -> None:
   config = flags_util.config_or_fail()
   if not FLAGS.workdir:
     flags_util.fail("--workdir is required: the directory for checkpoints, logs and the resolved config")
+  heartbeat_s = int(config.train.get("heartbeat_timeout_s", parallel.HEARTBEAT_TIMEOUT_S))
+  if config.train.distributed and not launcher.supervised():
+    # This process only watches the one that trains (a lost peer then ends it in one line: launcher).
+    sys.exit(launcher.supervise(FLAGS.workdir, heartbeat_s, int(config.train.process_id)))
   if FLAGS.tuned_cpu_flags:
     xla_flags.use_fast_cpu_flags()  # read when the backend starts, i.e. below
   # Before anything touches a device: a multi-host run must join the cluster first.
@@ -48,7 +55,6 @@ def main(argv) -> None:
   if jax.process_index() != 0:  # one process speaks for the run; the others only warn
     logging.set_verbosity(logging.WARNING)
   flags_util.enable_compilation_cache()
-  flags_util.quiet_library_logs()
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
   except train.Preempted as e:
@@ -60,6 +66,15 @@ def main(argv) -> None:
     sys.exit(3)
   except (sources.DataError, train.ConfigError, checkpoints.CheckpointError) as e:
     flags_util.fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    # Most likely a collective with a process that died (XLA's error, or gloo's inside orbax's barriers:
+    # a ValueError): the coordination service will name it. The traceback goes to the crash report.
+    logging.warning("a collective with the other processes failed; waiting up to %d s for JAX's "
+                    "coordination service to say which process was lost", heartbeat_s +
+                    launcher.VERDICT_MARGIN_S)
+    launcher.await_verdict(e, FLAGS.workdir, heartbeat_s)
 
 
 def run() -> None:
