@@ -185,6 +185,14 @@ def main() -> None:
       "median_ratio_eval": statistics.median(r["ratio_eval"] for r in rounds), "rounds": rounds}
   print(f"median jax/torch over {args.rounds} rounds: training {summary['median_ratio_train']:.2f}x, "
         f"eval {summary['median_ratio_eval']:.2f}x ({args.threads} threads, torch {torch.__version__})")
+  busiest = max(max(r["load_before_torch"][0], r["load_before_jax"][0], r["load_after"][0]) for r in rounds)
+  summary["busiest_load"] = busiest
+  if busiest > os.cpu_count():
+    # Both runtimes spin their worker threads between parallel regions; on an oversubscribed machine that
+    # costs each a different, load-dependent amount, so the ratio then says more about the load.
+    print(f"warning: the 1-minute load average reached {busiest} on {os.cpu_count()} CPUs: the two sides "
+          "competed with other work, so these ratios are not the frameworks' alone; run again on a quiet "
+          "machine", file=sys.stderr)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(summary, f, indent=2)

@@ -282,3 +282,26 @@ def test_bench_vs_torch_without_its_reference_says_so_in_one_line(tmp_path):
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
   assert "torch is not installed" in lines[0] or "MSDNet-PyTorch" in lines[0]
+
+
+def anchor(heading: str) -> str:
+  """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_reaches_a_file_and_heading(doc):
+  errors = []
+  for number, line in enumerate(doc.read_text().splitlines(), 1):
+    for target in re.findall(r"\]\(([^)\s]+)\)", line):
+      if re.match(r"^[a-z]+://", target):
+        continue
+      path, _, fragment = target.partition("#")
+      file = (doc.parent / path).resolve() if path else doc
+      if not file.exists():
+        errors.append(f"{doc.relative_to(REPO)}:{number}: {target}: no such file")
+      elif fragment and file.suffix == ".md":
+        headings = {anchor(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), re.M)}
+        if fragment not in headings:
+          errors.append(f"{doc.relative_to(REPO)}:{number}: {target}: no heading #{fragment}")
+  assert not errors, "\n".join(errors)
