@@ -20,7 +20,9 @@ after the other in this process's CPU set:
 Both run on the same ``--threads`` CPUs: the script pins itself (and so the msdfuse-bench subprocess) to the
 first ``--threads`` CPUs it may use, and sets ``torch.set_num_threads(threads)``. Rounds alternate the two,
 so that a change of the machine's load touches both; the ratios (jax / torch, above 1: JAX faster) are given
-per round and as the median, with the load average (``os.getloadavg``) before and after each side.
+per round and as the median, with the load average (``os.getloadavg``) before and after each side, and
+so are the CPU seconds per image (torch / jax, above 1: JAX needs less CPU), a figure that other work on
+the machine moves less than wall-clock time.
 msdfuse-bench runs with ``--compilation_cache`` so that rounds after the first spend no time compiling (its
 compile time is not compared). It measures; it asserts nothing.
 """
@@ -110,22 +112,24 @@ def time_torch(torch, model, args: argparse.Namespace) -> dict:
 
   model.train()
   train_step(-1)  # untimed: first-call allocations
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   for i in range(args.steps):
     train_step(i)
-  train_s = time.perf_counter() - t0
+  train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
   model.eval()
   batches = [torch.rand(args.eval_batch_size, 3, 32, 32, generator=gen) for _ in range(args.eval_steps + 1)]
   with torch.no_grad():
     model(batches[0])  # untimed
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for images in batches[1:]:
       outputs = model(images)
       float(outputs[-1].sum())
-    eval_s = time.perf_counter() - t0
+    eval_s, eval_cpu_s = time.perf_counter() - t0, time.process_time() - c0
   return {"train_images_per_s": args.batch_size * args.steps / train_s,
-          "eval_images_per_s": args.eval_batch_size * args.eval_steps / eval_s}
+          "eval_images_per_s": args.eval_batch_size * args.eval_steps / eval_s,
+          "train_cpu_s_per_image": train_cpu_s / (args.batch_size * args.steps),
+          "eval_cpu_s_per_image": eval_cpu_s / (args.eval_batch_size * args.eval_steps)}
 
 
 def time_jax(args: argparse.Namespace, json_path: str) -> dict:
@@ -140,7 +144,9 @@ def time_jax(args: argparse.Namespace, json_path: str) -> dict:
     sys.exit(f"error: msdfuse-bench failed (status {done.returncode}):\n{done.stderr[-2000:]}")
   with open(json_path) as f:
     report = json.load(f)
-  return {k: report[k] for k in ("train_images_per_s", "eval_images_per_s")}
+  return {"train_images_per_s": report["train_images_per_s"], "eval_images_per_s": report["eval_images_per_s"],
+          "train_cpu_s_per_image": report["train_cpu_s_per_step"] / args.batch_size,
+          "eval_cpu_s_per_image": report["eval_cpu_s_per_step"] / args.eval_batch_size}
 
 
 def main() -> None:
@@ -170,21 +176,31 @@ def main() -> None:
       row["load_after"] = load()
       row["ratio_train"] = row["jax"]["train_images_per_s"] / row["torch"]["train_images_per_s"]
       row["ratio_eval"] = row["jax"]["eval_images_per_s"] / row["torch"]["eval_images_per_s"]
+      # CPU seconds per image, torch over jax (above 1: JAX needs less CPU): less sensitive to other work on
+      # the machine than wall-clock time, though a runtime's threads that spin while waiting count in it.
+      for part in ("train", "eval"):
+        row[f"cpu_ratio_{part}"] = (row["torch"][f"{part}_cpu_s_per_image"] /
+                                    row["jax"][f"{part}_cpu_s_per_image"])
       rounds.append(row)
       print(f"round {r + 1}: train {row['jax']['train_images_per_s']:.1f} vs "
             f"{row['torch']['train_images_per_s']:.1f} images/s (jax/torch {row['ratio_train']:.2f}), "
             f"eval {row['jax']['eval_images_per_s']:.1f} vs {row['torch']['eval_images_per_s']:.1f} "
-            f"({row['ratio_eval']:.2f}); load average (1, 5, 15 min) {row['load_before_torch']} before, "
-            f"{row['load_after']} after", flush=True)
+            f"({row['ratio_eval']:.2f}); CPU time per image torch/jax: train {row['cpu_ratio_train']:.2f}, "
+            f"eval {row['cpu_ratio_eval']:.2f}; load average (1, 5, 15 min) {row['load_before_torch']} "
+            f"before, {row['load_after']} after", flush=True)
 
   summary = {
       "model": PRESET, "dataset": "cifar100", "threads": args.threads, "cpus": cpus[:args.threads],
       "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size, "steps": args.steps,
       "eval_steps": args.eval_steps, "torch_version": torch.__version__,
       "median_ratio_train": statistics.median(r["ratio_train"] for r in rounds),
-      "median_ratio_eval": statistics.median(r["ratio_eval"] for r in rounds), "rounds": rounds}
+      "median_ratio_eval": statistics.median(r["ratio_eval"] for r in rounds),
+      "median_cpu_ratio_train": statistics.median(r["cpu_ratio_train"] for r in rounds),
+      "median_cpu_ratio_eval": statistics.median(r["cpu_ratio_eval"] for r in rounds), "rounds": rounds}
   print(f"median jax/torch over {args.rounds} rounds: training {summary['median_ratio_train']:.2f}x, "
-        f"eval {summary['median_ratio_eval']:.2f}x ({args.threads} threads, torch {torch.__version__})")
+        f"eval {summary['median_ratio_eval']:.2f}x ({args.threads} threads, torch {torch.__version__}); CPU "
+        f"time per image torch/jax: training {summary['median_cpu_ratio_train']:.2f}, eval "
+        f"{summary['median_cpu_ratio_eval']:.2f}")
   busiest = max(max(r["load_before_torch"][0], r["load_before_jax"][0], r["load_after"][0]) for r in rounds)
   summary["busiest_load"] = busiest
   if busiest > os.cpu_count():
