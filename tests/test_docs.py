@@ -9,7 +9,8 @@ their ``--helpfull`` lists, read once per tool, all tools side by side; argparse
 and the experiments: the options their parser adds, read from the source, so torch need not be installed),
 and every ``--config.a.b=...`` override must name a field
 of the config that the command's ``--config=FILE:ARG`` builds. A wrong flag fails with its file, line and
-flag.
+flag. Also: the README's length and first block (the two set-up commands, which .ci/run runs), every
+relative link (file and heading), and every test a sentence names (``tests/test_x.py::test_y``) exists.
 """
 
 from __future__ import annotations
@@ -304,4 +305,20 @@ def test_every_relative_link_reaches_a_file_and_heading(doc):
         headings = {anchor(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), re.M)}
         if fragment not in headings:
           errors.append(f"{doc.relative_to(REPO)}:{number}: {target}: no heading #{fragment}")
+  assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_test_the_docs_name_exists(doc):
+  # "`tests/test_x.py::test_y`" and a following "`::test_z`" (same file) back a sentence: a renamed or
+  # deleted test must not leave the sentence pointing at nothing.
+  errors, current = [], None
+  for number, line in enumerate(doc.read_text().splitlines(), 1):
+    for file, name in re.findall(r"`(?:(tests/test_\w+\.py))?::(test_\w+)`", line):
+      current = file or current
+      path = REPO / (current or "")
+      defined = ({n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)}
+                 if current and path.is_file() else set())
+      if name not in defined:
+        errors.append(f"{doc.relative_to(REPO)}:{number}: {current}::{name} is not a test there")
   assert not errors, "\n".join(errors)
