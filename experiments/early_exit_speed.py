@@ -1,4 +1,4 @@
-"""Before / after table of early-exit speed on a trained run: the README's "Deploy early exit" figures.
+"""Before / after table of early-exit speed on a trained run: the figures of docs/early_exit.md ("Speed").
 
   python experiments/early_exit_speed.py WORKDIR [--p=5,20,35] [--batch_size=256] [--repeats=3]
       [--baseline=OLD_INFERENCE_PY] [--export=DIR]
