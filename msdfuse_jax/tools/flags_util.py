@@ -45,6 +45,9 @@ def run_loop_fields(train: Any) -> None:
   train.num_processes = 0  # 0: detected
   train.process_id = -1  # -1: detected
   train.num_shards = 0  # batch shards (BatchNorm, Mixup units); 0: 1 per device; set: any device count
+  # Each device runs its shards in this many sequential groups (gradients summed): the same step with
+  # about 1/N of the activation memory. Must divide the shards per device (num_shards / device count).
+  train.grad_accum_steps = 1
 
 
 def technique_fields(config: Any) -> None:
