@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import cifar
-from msdfuse_jax import models, optim, parallel, train
+from msdfuse_jax import models, optim, parallel, rundir, train
 from msdfuse_jax import train_state as ts
 from msdfuse_jax.tools import bench_main as bench
 from tests.conftest import REPO, tool_command
@@ -130,6 +130,18 @@ def test_remat_wraps_every_stage_in_training_mode_only(name):
   assert len(added) == 1, added  # the remat primitive (its name differs between JAX versions)
   assert with_remat.count(added.pop()) == plain.num_exits
   assert trace(remat, False) == trace(plain, False)
+
+
+def test_remat_is_a_bool_and_a_run_resumes_with_either_setting(tmp_path):
+  with pytest.raises(ValueError, match="remat must be True or False, got 1"):
+    models.build_model("msdnet_tiny", 10, remat=1)
+  config = tiny_config()
+  rundir.save_config(str(tmp_path), config)
+  config.model.remat = True  # the same parameters: the workdir's run goes on
+  train._check_saved_config(config, str(tmp_path))  # pylint: disable=protected-access
+  config.model.growth_rate += 2  # another architecture: refused
+  with pytest.raises(train.ConfigError, match="another --workdir"):
+    train._check_saved_config(config, str(tmp_path))  # pylint: disable=protected-access
 
 
 def test_remat_gives_the_same_gradients():
