@@ -102,7 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.num_steps = -1  # > 0 overrides num_epochs
   # log_every_steps, eval_every_steps (<= 0: once per epoch and at the end), checkpoint_every_steps,
   # keep_checkpoints, distributed / coordinator_address / num_processes / process_id (multi-process
-  # start-up: see the README), num_shards (batch shards; 0: one per device):
+  # start-up: see the README), num_shards (batch shards; 0: one per device), grad_accum_steps (shards run
+  # in that many sequential groups: less activation memory, the same step):
   flags_util.run_loop_fields(config.train)
 
   config.eval = ml_collections.ConfigDict()

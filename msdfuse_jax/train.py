@@ -132,7 +132,8 @@ def loss_and_grads(params: Any, batch_stats: Any, images: jax.Array, labels: jax
 
 def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model, tx,
                aug: ml_collections.ConfigDict, mean: np.ndarray, std: np.ndarray, num_classes: int,
-               weights: np.ndarray, tech: Techniques = Techniques()) -> tuple[ts.TrainState, Metrics]:
+               weights: np.ndarray, tech: Techniques = Techniques(), accum: int = 1
+               ) -> tuple[ts.TrainState, Metrics]:
   """One SGD step on this device's shards of the global batch: the per-device program of `make_steps`.
 
   Args:
@@ -141,6 +142,10 @@ def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array
       this device runs and their global indices.
     rng: the run's augmentation key, the same on every device.
     model, tx, aug, mean, std, num_classes, weights, tech: bound with functools.partial (static).
+    accum: ``config.train.grad_accum_steps`` (static, divides S): the S shards run in that many sequential
+      groups of S / accum (a `lax.scan`), so only one group's activations are alive at a time; the
+      gradients and BatchNorm statistics are summed over the groups, so the step computes what it computes
+      with 1 (up to float summation order).
 
   Returns:
     The new state and the metric sums of the whole global batch (accuracy against the un-mixed labels).
@@ -152,17 +157,30 @@ def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array
                           model=model, aug=aug, mean=mean, std=std, num_classes=num_classes, weights=weights,
                           tech=tech)
 
-  images, labels, shards = batch["image"], batch["label"], batch["shard"]
-  if images.shape[0] == 1:  # one shard per device: no vmap, the common case
-    out = jax.tree.map(lambda x: x[None], shard_grads(images[0], labels[0], shards[0]))
-  else:  # several shards per device: BatchNorm statistics and Mixup pairs stay per shard
-    out = jax.vmap(shard_grads)(images, labels, shards)
-  grads, batch_stats, sums = out
+  def group_sums(images, labels, shards):
+    """(gradient, BatchNorm statistics, metric sums), each summed over a group of shards."""
+    if images.shape[0] == 1:  # one shard per group: no vmap, the common case
+      return shard_grads(images[0], labels[0], shards[0])
+    # Several shards per group: BatchNorm statistics and Mixup pairs stay per shard.
+    return jax.tree.map(lambda x: x.sum(0), jax.vmap(shard_grads)(images, labels, shards))
+
+  per_device = batch["image"].shape[0]
+  data = (batch["image"], batch["label"], batch["shard"])
+  if accum == 1:
+    grads, batch_stats, sums = group_sums(*data)
+  else:
+    # A scan, not a vmap, over the groups: XLA keeps one iteration's activations alive, not all of them.
+    # The carry is the running sum (zeros of the per-group result's shapes to start).
+    groups = jax.tree.map(lambda x: x.reshape(accum, per_device // accum, *x.shape[1:]), data)
+    first = jax.eval_shape(group_sums, *jax.tree.map(lambda x: x[0], groups))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+    (grads, batch_stats, sums), _ = lax.scan(
+        lambda total, group: (jax.tree.map(jnp.add, total, group_sums(*group)), None), zeros, groups)
   # Every shard has the same size, so the mean over local shards and then over devices is the gradient of
   # the global-batch loss. Running BatchNorm statistics are averaged the same way, which keeps them
   # identical on every replica (each replica normalised with its own batch statistics in the forward pass).
-  grads, batch_stats = lax.pmean(jax.tree.map(lambda x: x.mean(0), (grads, batch_stats)), parallel.AXIS)
-  sums = lax.psum(jax.tree.map(lambda x: x.sum(0), sums), parallel.AXIS)
+  grads, batch_stats = lax.pmean(jax.tree.map(lambda x: x / per_device, (grads, batch_stats)), parallel.AXIS)
+  sums = lax.psum(sums, parallel.AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: p + u, state.params, updates)
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -257,6 +275,7 @@ class Plan:
   batch_size: int       # samples per step, over all processes
   steps_per_epoch: int  # full global batches per pass over the training set
   total_steps: int
+  grad_accum_steps: int = 1  # sequential groups each device runs its shards in (divides shards_per_device)
 
   @property
   def shards_per_device(self) -> int:
@@ -279,7 +298,23 @@ def make_plan(train: ml_collections.ConfigDict, num_examples: int) -> Plan:
   total = train.num_steps if train.num_steps > 0 else int(train.num_epochs * steps_per_epoch)
   if total < 1:
     raise ConfigError("the run has no steps: set config.train.num_epochs > 0 or config.train.num_steps > 0")
-  return Plan(shards, train.batch_size // shards, train.batch_size, steps_per_epoch, total)
+  return Plan(shards, train.batch_size // shards, train.batch_size, steps_per_epoch, total,
+              check_grad_accum(train.get("grad_accum_steps", 1), shards))
+
+
+def check_grad_accum(accum: Any, shards: int) -> int:
+  """``config.train.grad_accum_steps`` if it divides the `shards` batch shards' share of each device;
+  ConfigError otherwise."""
+  devices = jax.device_count()
+  per_device = shards // devices
+  if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+    raise ConfigError(f"config.train.grad_accum_steps={accum!r} must be a positive integer (1: no "
+                      "accumulation)")
+  if per_device % accum:
+    raise ConfigError(f"config.train.grad_accum_steps={accum} must divide the {per_device} batch shards per "
+                      f"device ({shards} shards on {devices} device{'s' if devices > 1 else ''}); set "
+                      f"config.train.num_shards to a multiple of {accum * devices}")
+  return accum
 
 
 def make_steps(model, tx, aug: ml_collections.ConfigDict, plan: Plan, weights: np.ndarray,
@@ -294,7 +329,8 @@ def make_steps(model, tx, aug: ml_collections.ConfigDict, plan: Plan, weights: n
   """
   check_pipeline(pipeline)
   common = dict(model=model, mean=mean, std=std, num_classes=num_classes)
-  step_fn = functools.partial(train_step, tx=tx, aug=aug, weights=weights, tech=tech, **common)
+  step_fn = functools.partial(train_step, tx=tx, aug=aug, weights=weights, tech=tech,
+                              accum=plan.grad_accum_steps, **common)
   rep, split = P(), P(parallel.AXIS)
   if pipeline == "device":
     gather_fn = functools.partial(gather_batch, steps_per_epoch=plan.steps_per_epoch,
@@ -359,7 +395,7 @@ def _check_saved_config(config: ml_collections.ConfigDict, workdir: str) -> None
     saved = rundir.load_config(workdir)
   except FileNotFoundError:
     return
-  def architecture(c):  # the compute dtype may change between runs: the parameters stay float32
+  def architecture(c):  # the compute dtype and remat may change between runs: the parameters do not
     model = c.get("model")
     if model is None:
       return None
@@ -368,7 +404,7 @@ def _check_saved_config(config: ml_collections.ConfigDict, workdir: str) -> None
     # older version resumes); through JSON, as config.json holds it (tuples become lists).
     if model.get("name") in models.PRESETS:
       model = {**models.preset_hparams(model["name"]), **model}
-    return json.loads(json.dumps({k: v for k, v in model.items() if k != "dtype"}))
+    return json.loads(json.dumps({k: v for k, v in model.items() if k not in ("dtype", "remat")}))
 
   if architecture(saved) != architecture(config) or saved.get("dataset") != config.dataset:
     raise ConfigError(f"{workdir} holds a run of model {saved.get('model', {}).get('name')!r} on "

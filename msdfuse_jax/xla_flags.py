@@ -20,7 +20,13 @@ from absl import logging
 #   a non-finite loss is still seen as one.
 # Together: train step about 25 % less CPU time, eval about twice the images/s of XLA's defaults. They only
 # touch the CPU backend.
+# - optimisation barriers kept through CSE: XLA:CPU removes them first by default (its
+#   "cse_barrier_expander"), so CSE merged the recomputation that `jax.checkpoint` (config.model.remat)
+#   emits for the backward pass with the forward pass, which kept every activation: remat saved nothing
+#   (msdnet_anytime7, batch 256: 1546 MB of temporaries with remat, 571 MB with this flag, 1521 MB
+#   without remat; docs/training.md). Only programs with barriers change.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",
+                 "--xla_disable_hlo_passes=cse_barrier_expander",
                  "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce",
                  "--xla_cpu_enable_fast_math=true",
                  "--xla_cpu_fast_math_honor_nans=true",

@@ -9,7 +9,8 @@ import pytest
 from msdfuse_jax.tools import bench_main as bench
 from tests.conftest import REPO, tool_command
 
-KEYS = {"train_images_per_s", "eval_images_per_s", "compile_s", "peak_memory_mb"}
+KEYS = {"train_images_per_s", "eval_images_per_s", "compile_s", "peak_memory_mb", "step_temp_memory_mb",
+        "step_argument_memory_mb", "step_output_memory_mb"}
 
 
 @pytest.mark.slow

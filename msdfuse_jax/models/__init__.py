@@ -120,6 +120,7 @@ def build_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
   model = cls(num_classes=num_classes, **kwargs)
   model.validate()  # fail at build time, not deep inside the first trace
   base.check_boost_reweight(model.boost_reweight)
+  base.check_bools(model, ("remat",))
   return model
 
 

@@ -76,9 +76,13 @@ class MultiExitModule(nn.Module):
 
   Attributes:
     boost_reweight: BoostNet's ensemble weight r (0.5 in BoostNet); 0 (the default) disables boosting.
+    remat: rematerialise each stage in training mode (``flax.linen.remat``): the backward pass recomputes
+      a stage's activations from its input instead of keeping them from the forward pass. The same
+      values and gradients, less activation memory, about one more forward pass of compute.
   """
 
   boost_reweight: float = 0.0
+  remat: bool = False
 
   @property
   def num_exits(self) -> int:
@@ -123,11 +127,21 @@ class MultiExitModule(nn.Module):
     `num_exits` is static: the forward pass stops after that exit, so nothing beyond it is traced.
     """
     k_max = check_num_exits(num_exits, self.num_exits)
+    stage = _ensemble_stage
+    if self.remat and train:  # nothing to save for a backward pass in eval mode
+      # k and train steer Python control flow: static. Only the stage's inputs (the carry) are kept
+      # for the backward pass, which recomputes the rest one stage at a time.
+      stage = nn.remat(_ensemble_stage, static_argnums=(2, 3))
     carry, outputs = x, []
     for k in range(1, k_max + 1):
-      carry, prediction = self.ensemble_stage(carry, k, train=train)
+      carry, prediction = stage(self, carry, k, train)
       outputs.append(prediction)
     return tuple(outputs)
+
+
+def _ensemble_stage(module: MultiExitModule, carry: Any, k: int, train: bool) -> tuple[Any, jax.Array]:
+  """`MultiExitModule.ensemble_stage` with positional arguments, as `nn.remat`'s static_argnums needs."""
+  return module.ensemble_stage(carry, k, train=train)
 
 
 def check_boost_reweight(value: Any) -> None:

@@ -7,10 +7,13 @@ Runs the exact steps that `msdfuse-train` runs (the global-mesh train step fed b
 pipeline, `--config.data.pipeline=device|stream`: batch gathering or host reading, augmentation, SGD
 update) on random uint8 images, and prints train images/s, eval images/s, compile times and peak memory.
 JSON keys: train_images_per_s, train_step_ms_spread (min, median, p90, max of the timed steps),
-eval_images_per_s, compile_s (train step), eval_compile_s, peak_memory_mb, peak_memory_source, pipeline,
-plus the settings. The timed loops run under ``jax.transfer_guard("disallow")``: nothing crosses between
-host and device implicitly. `--input_only` times the input pipeline alone (host
-reading and the copy to the devices, no step; for ImageNet the configured source, decoded and cropped by
+eval_images_per_s, compile_s (train step), eval_compile_s, peak_memory_mb, peak_memory_source, the compiled
+train step's memory (XLA's `memory_analysis()`, per device: step_temp_memory_mb, step_argument_memory_mb,
+step_output_memory_mb, step_memory_source), pipeline, plus the settings (num_shards, grad_accum_steps, remat
+among them). The timed loops run under ``jax.transfer_guard("disallow")``: nothing crosses between host and
+device implicitly. `--compile_only` compiles the train step without running it and reports compile_s and
+the step memory only (docs/training.md, "Memory").
+`--input_only` times the input pipeline alone (host reading and the copy to the devices, no step; for ImageNet the configured source, decoded and cropped by
 ``config.data.workers`` processes): JSON keys input_images_per_s, input_first_batch_s. It measures, it
 asserts nothing; the persistent compilation cache is off unless --compilation_cache, so that compile times
 are real.
@@ -43,6 +46,8 @@ flags.DEFINE_integer("steps", 10, "Timed training steps (after one untimed step 
 flags.DEFINE_integer("eval_steps", 5, "Timed eval steps.")
 flags.DEFINE_bool("input_only", False, "Time only the configured input pipeline (host reading and the "
                   "copy of each batch to the devices), not the steps.")
+flags.DEFINE_bool("compile_only", False, "Only compile the train step and report its memory "
+                  "(compiled.memory_analysis(): temporaries, arguments, outputs); run nothing.")
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 flags.DEFINE_bool("compilation_cache", False, "Use the persistent compilation cache (a faster start, but "
                   "compile_s then measures loading from the cache, not compiling).")
@@ -57,6 +62,61 @@ def _peak_memory_mb() -> tuple[float, str]:
   if "peak_bytes_in_use" in stats:
     return stats["peak_bytes_in_use"] / 2**20, "device peak_bytes_in_use"
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def step_memory(compiled: Any) -> dict[str, Any]:
+  """The memory XLA planned for a compiled step (`jax.stages.Compiled.memory_analysis`), in MiB.
+
+  ``step_temp_memory_mb`` is the scratch space of one step (activations kept for the backward pass among
+  them), ``step_argument_memory_mb`` and ``step_output_memory_mb`` its inputs and results (the donated
+  state counted in both), for one device. None where the backend gives no analysis.
+  """
+  analysis = compiled.memory_analysis()
+  keys = {"step_temp_memory_mb": "temp_size_in_bytes", "step_argument_memory_mb": "argument_size_in_bytes",
+          "step_output_memory_mb": "output_size_in_bytes"}
+  if analysis is None:
+    return {**{k: None for k in keys}, "step_memory_source": None}
+  return {**{k: getattr(analysis, attr) / 2**20 for k, attr in keys.items()},
+          "step_memory_source": f"compiled.memory_analysis() on {jax.devices()[0].device_kind}"}
+
+
+def _settings(config: ml_collections.ConfigDict, plan: train.Plan) -> dict[str, Any]:
+  """The fields that decide a train step's memory, for the reports."""
+  return {"num_shards": plan.num_shards, "grad_accum_steps": plan.grad_accum_steps,
+          "remat": bool(config.model.get("remat", False))}
+
+
+def benchmark_compile(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, Any]:
+  """Compiles `config`'s train step for `batch_size` without running it (the state only as shapes);
+  returns its compile time and `step_memory`."""
+  model = models.from_config(config)
+  num_classes = sources.num_classes(config.dataset)
+  pipeline = config.data.get("pipeline", "device")
+  data = _RandomData(config, batch_size, 1)
+  plan = data.plan
+  tx = optim.create_optimizer(config.optim, optim.learning_rate_schedule(config.optim, plan.steps_per_epoch,
+                                                                         plan.total_steps))
+  weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
+  mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+  p_train_step, _ = train.make_steps(model, tx, config.aug, plan, weights, mean, std, num_classes, pipeline,
+                                     train.techniques(config))
+  replicated = parallel.replicated()
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                       ts.abstract_train_state(model, tx, sources.image_size(config.dataset)))
+  feed = train.make_feed(pipeline, data, 0, plan, 0)
+  load_before = os.getloadavg()[0]
+  try:
+    t0 = time.perf_counter()
+    compiled = p_train_step.lower(state, *feed(0), parallel.stop_votes(False),
+                                  parallel.replicate(jax.random.PRNGKey(1))).compile()
+    compile_s = time.perf_counter() - t0
+  finally:
+    feed.close()
+  return {"model": config.model.name, "dataset": config.dataset, "dtype": config.model.dtype,
+          "pipeline": pipeline, "backend": jax.default_backend(), "devices": jax.device_count(),
+          "batch_size": batch_size, **_settings(config, plan), "compile_s": compile_s,
+          **step_memory(compiled), "load_average": load_before, "cpu_count": os.cpu_count(),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def _timed(fn, *args) -> tuple[Any, float]:
@@ -163,12 +223,19 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   # The timed loops move nothing between host and device implicitly: the batches come from the feed
   # (explicit transfers), the state stays on the devices.
   try:
+    first_args = feed(0)
+    # Compiled once, explicitly: the steps below run this program, and its memory analysis is read from it
+    # (a later `lower(...).compile()` would compile it again).
+    t0 = time.perf_counter()
+    compiled = p_train_step.lower(state, *first_args, votes, aug_rng).compile()
+    compile_s = time.perf_counter() - t0
+    memory = step_memory(compiled)
     with jax.transfer_guard("disallow"):
-      (state, _, _), first = _timed(p_train_step, state, *feed(0), votes, aug_rng)
+      (state, _, _), _ = _timed(compiled, state, *first_args, votes, aug_rng)  # untimed first step
       t0, c0 = time.perf_counter(), time.process_time()
       previous, finished = None, [t0]
       for step in range(1, steps + 1):  # the loop of msdfuse-train: at most one step ahead of the devices
-        state, metrics, _ = p_train_step(state, *feed(step), votes, aug_rng)
+        state, metrics, _ = compiled(state, *feed(step), votes, aug_rng)
         if previous is not None:
           jax.block_until_ready(previous)
           finished.append(time.perf_counter())
@@ -199,13 +266,13 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
       "model": config.model.name, "dataset": config.dataset, "dtype": config.model.dtype,
       "pipeline": pipeline,
       "backend": jax.default_backend(), "devices": jax.device_count(),
-      "batch_size": batch_size, "eval_batch_size": eval_batch_size,
+      "batch_size": batch_size, "eval_batch_size": eval_batch_size, **_settings(config, plan), **memory,
       "train_step_s": step_s, "train_images_per_s": batch_size / step_s,
       "train_step_ms_spread": dict(zip(("min", "median", "p90", "max"), map(float, spread))),
       "eval_step_s": eval_s, "eval_images_per_s": eval_batch_size / eval_s,
-      # The first call compiles and runs once; subtracting one steady step leaves the compile (and
-      # dispatch set-up) time.
-      "compile_s": max(first - step_s, 0.0), "eval_compile_s": max(eval_first - eval_s, 0.0),
+      # The train step's lowering and compilation; the eval step's first call compiles and runs once,
+      # and subtracting one steady step leaves its compile (and dispatch set-up) time.
+      "compile_s": compile_s, "eval_compile_s": max(eval_first - eval_s, 0.0),
       "peak_memory_mb": peak_mb, "peak_memory_source": peak_source, "rss_before_mb": baseline_mb,
       # CPU seconds of this process per step (all threads), and the 1-minute load average before the
       # timed steps: on a shared machine, a load above the core count means the wall-clock figures
@@ -225,6 +292,25 @@ def format_input_report(report: dict[str, Any]) -> str:
           f"load average {report['load_average']:.2f} on {report['cpu_count']} CPUs")
 
 
+def _format_memory(report: dict[str, Any]) -> str:
+  if report.get("step_temp_memory_mb") is None:
+    return "train step memory: not reported by this backend"
+  return (f"train step memory ({report['step_memory_source']}; {report['num_shards']} shards, "
+          f"grad_accum_steps {report['grad_accum_steps']}, remat {report['remat']}): temporaries "
+          f"{report['step_temp_memory_mb']:.1f} MB, arguments {report['step_argument_memory_mb']:.1f} MB, "
+          f"outputs {report['step_output_memory_mb']:.1f} MB")
+
+
+def format_compile_report(report: dict[str, Any]) -> str:
+  return "\n".join([
+      f"{report['model']} on {report['dataset']} ({report['dtype']}), {report['devices']} "
+      f"{report['backend']} device(s), {report['pipeline']} input pipeline: train step for batch "
+      f"{report['batch_size']} compiled in {report['compile_s']:.1f} s (not run)",
+      _format_memory(report),
+      f"load average {report['load_average']:.2f} on {report['cpu_count']} CPUs",
+  ])
+
+
 def format_report(report: dict[str, Any]) -> str:
   return "\n".join([
       f"{report['model']} on {report['dataset']} ({report['dtype']}), {report['devices']} "
@@ -237,6 +323,7 @@ def format_report(report: dict[str, Any]) -> str:
       f"({1000 * report['eval_step_s']:.1f} ms/step)  compile {report['eval_compile_s']:.1f} s",
       f"peak memory: {report['peak_memory_mb']:.0f} MB ({report['peak_memory_source']}; the process held "
       f"{report['rss_before_mb']:.0f} MB before building anything)",
+      _format_memory(report),
       f"CPU time per step: train {report['train_cpu_s_per_step']:.3f} s, eval "
       f"{report['eval_cpu_s_per_step']:.3f} s; load average {report['load_average']:.2f} on "
       f"{report['cpu_count']} CPUs; XLA_FLAGS={report['xla_flags']!r}",
@@ -258,6 +345,9 @@ def main(argv) -> None:
     if FLAGS.input_only:
       report = benchmark_input(config, batch_size, FLAGS.steps)
       text = format_input_report(report)
+    elif FLAGS.compile_only:
+      report = benchmark_compile(config, batch_size)
+      text = format_compile_report(report)
     else:
       report = benchmark(config, batch_size, eval_batch_size, FLAGS.steps, FLAGS.eval_steps)
       text = format_report(report)

@@ -56,6 +56,9 @@ def run_loop_fields(train: Any) -> None:
   # gcsfuse bucket, whose renames are not atomic) and "rename" elsewhere.
   train.checkpoint_commit = "auto"
   train.num_shards = 0  # batch shards (BatchNorm, Mixup units); 0: 1 per device; set: any device count
+  # Each device runs its shards in this many sequential groups (gradients summed): the same step with
+  # about 1/N of the activation memory. Must divide the shards per device (num_shards / device count).
+  train.grad_accum_steps = 1
 
 
 def technique_fields(config: Any) -> None:
