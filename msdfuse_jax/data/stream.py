@@ -128,6 +128,30 @@ def _flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _finish_shared_memory_deletes() -> None:
+  """Waits for the deletions of shared-memory batches that grain hands to a thread pool.
+
+  grain (0.2.18) unlinks a worker's batch from a thread of its own once the array is freed; a program that
+  exits right after the feed closes can leave those unlinks undone, and Python's resource tracker then
+  warns of "leaked shared_memory objects". grain has no public call to wait for them: the pool is
+  closed and joined here (grain starts a new one with the next workers' feed); with a grain laid out
+  otherwise this does nothing.
+  """
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=import-outside-toplevel
+  except ImportError:  # another grain: nothing known to wait for
+    return
+  array = shared_memory_array.SharedMemoryArray
+  if not hasattr(array, "_del_thread_pool") or not hasattr(array, "_lock"):
+    return
+  with array._lock:  # pylint: disable=protected-access
+    pool, array._del_thread_pool = array._del_thread_pool, None  # pylint: disable=protected-access
+    array._outstanding_del_requests = None  # pylint: disable=protected-access
+  if pool is not None:
+    pool.close()
+    pool.join()
+
+
 class HostBatches:
   """The iterator `host_batches` returns; `close()` stops the reading (joins the worker processes)."""
 
@@ -153,6 +177,7 @@ class HostBatches:
     # the segments as leaked).
     if self._workers:
       gc.collect()
+      _finish_shared_memory_deletes()
 
 
 def host_batches(source: Source, seed: int, plan: Any, start: int, *, shards: range | None = None,
