@@ -43,6 +43,8 @@ def summarize(sums: dict[str, np.ndarray], weights: np.ndarray, prefix: str) -> 
   for k, (loss, correct) in enumerate(zip(sums["loss"], sums["correct"]), start=1):
     out[f"{prefix}/loss_exit{k}"] = float(loss / count)
     out[f"{prefix}/accuracy_exit{k}"] = float(correct / count)
+  if float(sums.get("meta_count", 0)) > 0:  # L2W-DEN's train step: the mean meta loss
+    out[f"{prefix}/meta_loss"] = float(sums["meta_loss"] / sums["meta_count"])
   return out
 
 

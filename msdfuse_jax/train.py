@@ -34,7 +34,8 @@ from absl import logging
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from msdfuse_jax import checkpoints, models, parallel, preemption as preemption_lib, rundir, summaries
+from msdfuse_jax import checkpoints, l2w as l2w_lib, models, parallel, preemption as preemption_lib, rundir
+from msdfuse_jax import summaries
 from msdfuse_jax import data as data_lib
 from msdfuse_jax.data import augment, cifar, order, sources, threads
 from msdfuse_jax.models import base as base_lib
@@ -65,7 +66,8 @@ class Preempted(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Techniques:
-  """The training techniques of the step (static): IMTA's gradient equilibrium and last-exit distillation.
+  """The training techniques of the step (static): IMTA's gradient equilibrium and last-exit distillation,
+  L2W-DEN's meta-learned sample weights (`l2w_train_step`).
 
   (BoostNet's boosted ensembles are a model field, ``boost_reweight``: they change the predictions too.)
   """
@@ -73,14 +75,19 @@ class Techniques:
   gradient_equilibrium: bool = False
   distill_alpha: float = 0.0        # 0: no distillation
   distill_temperature: float = 1.0
+  l2w: l2w_lib.L2W | None = None    # None: no meta-learned weights
 
 
 def techniques(config: ml_collections.ConfigDict) -> Techniques:
   """The `Techniques` of a run config (fields absent from an older config.json are off); ConfigError when
   a value is out of range."""
   distill = config.get("distill") or {}
+  try:
+    l2w = l2w_lib.from_config(config.get("l2w"))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   out = Techniques(bool(config.optim.get("gradient_equilibrium", False)), float(distill.get("alpha", 0.0)),
-                   float(distill.get("temperature", 1.0)))
+                   float(distill.get("temperature", 1.0)), l2w)
   if not 0.0 <= out.distill_alpha <= 1.0:
     raise ConfigError(f"config.distill.alpha={out.distill_alpha} must lie in [0, 1] (0 disables distillation)")
   if out.distill_temperature <= 0:
@@ -96,6 +103,27 @@ def distillation_losses(logits: tuple[jax.Array, ...], temperature: float) -> ja
   student = jax.nn.log_softmax(stacked, axis=-1)
   kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
   return temperature ** 2 * kl.at[-1].set(0.0)
+
+
+def meta_initializer(tech: Techniques, num_exits: int, rng: jax.Array):
+  """The function that makes the train state's ``meta`` (L2W-DEN's `l2w.init_meta`), None without it."""
+  if tech.l2w is None:
+    return None
+  return functools.partial(l2w_lib.init_meta, tech.l2w, num_exits, rng)
+
+
+def exit_losses(logits: tuple[jax.Array, ...], targets: jax.Array, tech: Techniques
+                ) -> tuple[jax.Array, jax.Array]:
+  """Per-exit, per-sample (K, B) cross-entropies and training losses (the loss of `loss_and_grads`,
+  sample by sample: with distillation ``(1 - alpha) CE_k + alpha T^2 KL`` for k < K)."""
+  stacked = jnp.stack([x.astype(jnp.float32) for x in logits])
+  ce = -jnp.sum(targets * jax.nn.log_softmax(stacked, axis=-1), axis=-1)
+  if tech.distill_alpha <= 0:
+    return ce, ce
+  num_exits = len(logits)
+  label_weight = np.where(np.arange(num_exits) < num_exits - 1, 1.0 - tech.distill_alpha, 1.0)
+  kd = distillation_losses(logits, tech.distill_temperature)
+  return ce, label_weight.astype(np.float32)[:, None] * ce + tech.distill_alpha * kd
 
 
 def loss_and_grads(params: Any, batch_stats: Any, images: jax.Array, labels: jax.Array, key: jax.Array, *,
@@ -132,7 +160,7 @@ def loss_and_grads(params: Any, batch_stats: Any, images: jax.Array, labels: jax
 
 def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model, tx,
                aug: ml_collections.ConfigDict, mean: np.ndarray, std: np.ndarray, num_classes: int,
-               weights: np.ndarray, tech: Techniques = Techniques(), accum: int = 1
+               weights: np.ndarray, tech: Techniques = Techniques(), accum: int = 1, total_steps: int = 0
                ) -> tuple[ts.TrainState, Metrics]:
   """One SGD step on this device's shards of the global batch: the per-device program of `make_steps`.
 
@@ -147,9 +175,14 @@ def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array
       gradients and BatchNorm statistics are summed over the groups, so the step computes what it computes
       with 1 (up to float summation order).
 
+    total_steps: the run's length (static), for L2W-DEN's meta learning rate.
+
   Returns:
     The new state and the metric sums of the whole global batch (accuracy against the un-mixed labels).
   """
+  if tech.l2w is not None:
+    return l2w_train_step(state, batch, rng, model=model, tx=tx, aug=aug, mean=mean, std=std,
+                          num_classes=num_classes, weights=weights, tech=tech, total_steps=total_steps)
   step_rng = jax.random.fold_in(rng, state.step)
 
   def shard_grads(images, labels, shard):
@@ -185,6 +218,87 @@ def train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array
   params = jax.tree.map(lambda p, u: p + u, state.params, updates)
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                        opt_state=opt_state), sums
+
+
+def l2w_train_step(state: ts.TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model, tx,
+                   aug: ml_collections.ConfigDict, mean: np.ndarray, std: np.ndarray, num_classes: int,
+                   weights: np.ndarray, tech: Techniques, total_steps: int) -> tuple[ts.TrainState, Metrics]:
+  """`train_step` with L2W-DEN's meta-learned sample weights (`msdfuse_jax.l2w`), on the same arguments.
+
+  Each shard is augmented as in `train_step`, then cut into two halves, which take turns (a two-step
+  `lax.scan`): first the first half trains and the second is the meta half, then the other way round from
+  the updated state. A turn is (1) the meta network's Adam step on the meta loss of a functional look-ahead
+  (`l2w.Turn.meta_gradient`, per shard; its gradient averaged over shards and devices), skipped on steps
+  that are not a multiple of ``meta_interval``, and (2) the classifier's optimiser step on the train half's
+  losses weighted by the updated meta network. Both optimiser steps run at this step's learning rate (the
+  optimiser's step count advances once per train step); BatchNorm statistics advance with both.
+
+  Returns:
+    The new state (``meta``: the meta network's parameters and Adam state) and the metric sums of the
+    train halves (the whole batch once), with ``meta_loss``/``meta_count``: the summed meta losses and
+    their number.
+  """
+  cfg = tech.l2w
+  step_rng = jax.random.fold_in(rng, state.step)
+  per_device = batch["image"].shape[0]
+
+  def augment_shard(images, labels, shard):
+    return augment.augment_batch(jax.random.fold_in(step_rng, shard), images, labels, aug, mean, std,
+                                 num_classes)
+
+  x, targets = jax.vmap(augment_shard)(batch["image"], batch["label"], batch["shard"])
+  half = x.shape[1] // 2
+  first = jax.tree.map(lambda a: a[:, :half], (x, targets, batch["label"]))
+  second = jax.tree.map(lambda a: a[:, half:], (x, targets, batch["label"]))
+  # Turn 1 trains on the first halves with the second ones as meta halves; turn 2 the other way round.
+  turns = jax.tree.map(lambda a, b: jnp.stack([a, b]), (first, second[:2]), (second, first[:2]))
+
+  def forward(params, batch_stats, images, with_techniques):
+    with base_lib.gradient_equilibrium(tech.gradient_equilibrium and with_techniques):
+      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                    mutable=["batch_stats"])
+    return logits, updates.get("batch_stats", {})
+
+  turn = l2w_lib.Turn(cfg, forward, functools.partial(exit_losses, tech=tech), tx, weights, model.num_exits)
+  meta_tx = l2w_lib.meta_optimizer(cfg)
+  meta_lr = l2w_lib.meta_learning_rate(cfg, state.step, total_steps)
+
+  def one_turn(carry, data):
+    params, batch_stats, opt_state, meta = carry
+    opt_state = l2w_lib.keep_counts(opt_state, state.opt_state)  # this step's learning rate in both turns
+    (xt, tt, lt), meta_half = data
+
+    def meta_update(meta):
+      values, grads, _ = jax.vmap(turn.meta_gradient, in_axes=(None, None, None, None, 0, 0))(
+          meta["params"], params, batch_stats, opt_state, (xt, tt), meta_half)
+      grads = lax.pmean(jax.tree.map(lambda g: g.mean(0), grads), parallel.AXIS)
+      updates, meta_opt = meta_tx.update(grads, meta["opt_state"], meta["params"])
+      new = jax.tree.map(lambda p, u: p - meta_lr * u, meta["params"], updates)
+      return {"params": new, "opt_state": meta_opt}, values.sum(), jnp.float32(per_device)
+
+    if cfg.meta_interval == 1:
+      meta, meta_sum, meta_count = meta_update(meta)
+    else:
+      meta, meta_sum, meta_count = lax.cond(state.step % cfg.meta_interval == 0, meta_update,
+                                            lambda m: (m, jnp.float32(0), jnp.float32(0)), meta)
+    meta_params = lax.stop_gradient(meta["params"])
+
+    def shard_grads(images, soft, labels):
+      grads, (stats, logits, _, _) = jax.grad(turn.weighted_loss, has_aux=True)(params, batch_stats,
+                                                                                 meta_params, images, soft)
+      return grads, stats, metrics_lib.exit_metrics(logits, soft, labels)
+
+    grads, new_stats, sums = jax.tree.map(lambda a: a.sum(0), jax.vmap(shard_grads)(xt, tt, lt))
+    grads, new_stats = lax.pmean(jax.tree.map(lambda a: a / per_device, (grads, new_stats)), parallel.AXIS)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    return (params, new_stats, opt_state, meta), {**sums, "meta_loss": meta_sum, "meta_count": meta_count}
+
+  (params, batch_stats, opt_state, meta), sums = lax.scan(
+      one_turn, (state.params, state.batch_stats, state.opt_state, state.meta), turns)
+  sums = lax.psum(jax.tree.map(lambda a: a.sum(0), sums), parallel.AXIS)
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                       meta=meta), sums
 
 
 def gather_batch(dataset: dict[str, jax.Array], perm: jax.Array, step: jax.Array, shards: jax.Array, *,
@@ -328,9 +442,13 @@ def make_steps(model, tx, aug: ml_collections.ConfigDict, plan: Plan, weights: n
   (training, `msdfuse-bench` and the parity tests all use it).
   """
   check_pipeline(pipeline)
+  if tech.l2w is not None and (plan.grad_accum_steps > 1 or plan.shard_batch % 2):
+    raise ConfigError(f"config.l2w.enabled cuts every batch shard in two halves: it needs an even shard "
+                      f"size (here {plan.shard_batch}) and config.train.grad_accum_steps=1 (here "
+                      f"{plan.grad_accum_steps})")
   common = dict(model=model, mean=mean, std=std, num_classes=num_classes)
   step_fn = functools.partial(train_step, tx=tx, aug=aug, weights=weights, tech=tech,
-                              accum=plan.grad_accum_steps, **common)
+                              accum=plan.grad_accum_steps, total_steps=plan.total_steps, **common)
   rep, split = P(), P(parallel.AXIS)
   if pipeline == "device":
     gather_fn = functools.partial(gather_batch, steps_per_epoch=plan.steps_per_epoch,
@@ -474,10 +592,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                                commit=config.train.get("checkpoint_commit", "auto"))
     cleanup.callback(mngr.close)
     image_size = sources.image_size(config.dataset)
+    meta_init = meta_initializer(tech, model.num_exits, jax.random.fold_in(root, 2))
     # A resumed run restores into the state's shapes: it neither runs nor compiles the initialiser.
     state, how = ts.restore_or_init(
-        workdir, lambda: ts.init_train_state(model, tx, jax.random.fold_in(root, 0), image_size), mngr,
-        like=lambda: ts.abstract_train_state(model, tx, image_size))
+        workdir, lambda: ts.init_train_state(model, tx, jax.random.fold_in(root, 0), image_size, meta_init),
+        mngr, like=lambda: ts.abstract_train_state(model, tx, image_size, meta_init))
     start = int(state.step)
     logging.info("%s run in %s at step %d of %d (%d steps/epoch, %d shards of %d on %d devices, %d "
                  "processes, %s pipeline)", how, workdir, start, plan.total_steps, plan.steps_per_epoch,

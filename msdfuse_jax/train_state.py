@@ -1,9 +1,10 @@
 """The state of a training run: `TrainState`, its initialisation and its restoration from a checkpoint.
 
 `TrainState` is the one pytree the train step threads through: the step counter, the parameters, the
-BatchNorm statistics and the optimiser state. Checkpoints store it as a plain dict with the same four keys
-(see `msdfuse_jax.checkpoints`); `restore_or_init` resumes from the newest one, or starts a fresh optimiser
-from imported weights, which have no ``opt_state``.
+BatchNorm statistics and the optimiser state, and with L2W-DEN (`msdfuse_jax.l2w`) the meta network's
+parameters and Adam state. Checkpoints store it as a plain dict with the same keys (see
+`msdfuse_jax.checkpoints`; ``meta`` only when there is one); `restore_or_init` resumes from the newest one,
+or starts a fresh optimiser from imported weights, which have no ``opt_state``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  meta: Any = None  # L2W-DEN: {"params": meta network, "opt_state": its Adam state}; None without it
 
   @property
   def variables(self) -> dict[str, Any]:
@@ -37,30 +39,36 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
   def to_checkpoint(self) -> dict[str, Any]:
-    return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
-            "opt_state": self.opt_state}
+    out = {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
+           "opt_state": self.opt_state}
+    if self.meta is not None:
+      out["meta"] = self.meta
+    return out
 
 
-def _state_of(variables: dict[str, Any], tx: optax.GradientTransformation) -> TrainState:
+def _state_of(variables: dict[str, Any], tx: optax.GradientTransformation, meta: Any = None) -> TrainState:
   params = variables["params"]
   # One program for the whole optimiser state: made leaf by leaf, each shape of zeros compiles its own.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=jax.jit(tx.init)(params))
+                    batch_stats=variables.get("batch_stats", {}), opt_state=jax.jit(tx.init)(params),
+                    meta=meta)
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                     image_size: int = 32) -> TrainState:
+                     image_size: int = 32, meta_init: Callable[[], Any] | None = None) -> TrainState:
   """Fresh parameters (initialised from `rng`), BatchNorm statistics and optimiser state, for RGB inputs
-  of ``image_size`` (`msdfuse_jax.data.sources.image_size`: 32 for CIFAR, 224 for ImageNet)."""
-  return _state_of(models.init_variables(model, rng, image_size), tx)
+  of ``image_size`` (`msdfuse_jax.data.sources.image_size`: 32 for CIFAR, 224 for ImageNet); ``meta``
+  from `meta_init` (L2W-DEN's `l2w.init_meta`, bound), None without it."""
+  return _state_of(models.init_variables(model, rng, image_size), tx, meta_init() if meta_init else None)
 
 
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int = 32
-                         ) -> TrainState:
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int = 32,
+                         meta_init: Callable[[], Any] | None = None) -> TrainState:
   """The shapes and dtypes of `init_train_state`'s state (`jax.ShapeDtypeStruct` leaves), computing
   nothing: what a resumed run restores into without initialising (and compiling the initialiser)."""
   init = models.initializer(model, image_size)
-  return jax.eval_shape(lambda r: _state_of(init(r), tx), jax.random.PRNGKey(0))
+  meta = jax.eval_shape(meta_init) if meta_init else None
+  return jax.eval_shape(lambda r: _state_of(init(r), tx), jax.random.PRNGKey(0)).replace(meta=meta)
 
 
 def restore_or_init(workdir: str, fresh: TrainState | Callable[[], TrainState], mngr=None, *,
@@ -105,8 +113,11 @@ def restore_or_init(workdir: str, fresh: TrainState | Callable[[], TrainState], 
   if restored.get("opt_state") is None:
     state = make().replace(params=restored["params"], batch_stats=restored.get("batch_stats") or {})
     return jax.tree.map(jnp.asarray, state), "imported"
+  meta = restored.get("meta")
+  if meta is None and (like() if callable(like) else like).meta is not None:
+    meta = make().meta  # a run that switches L2W-DEN on: a fresh meta network (what else could it have)
   state = TrainState(step=jnp.asarray(restored["step"], jnp.int32), params=restored["params"],
-                     batch_stats=restored["batch_stats"], opt_state=restored["opt_state"])
+                     batch_stats=restored["batch_stats"], opt_state=restored["opt_state"], meta=meta)
   return jax.tree.map(jnp.asarray, state), "resumed"
 
 

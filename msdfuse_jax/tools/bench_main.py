@@ -98,11 +98,13 @@ def benchmark_compile(config: ml_collections.ConfigDict, batch_size: int) -> dic
                                                                          plan.total_steps))
   weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
   mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+  tech = train.techniques(config)
   p_train_step, _ = train.make_steps(model, tx, config.aug, plan, weights, mean, std, num_classes, pipeline,
-                                     train.techniques(config))
+                                     tech)
   replicated = parallel.replicated()
+  meta_init = train.meta_initializer(tech, model.num_exits, jax.random.PRNGKey(2))
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                       ts.abstract_train_state(model, tx, sources.image_size(config.dataset)))
+                       ts.abstract_train_state(model, tx, sources.image_size(config.dataset), meta_init))
   feed = train.make_feed(pipeline, data, 0, plan, 0)
   load_before = os.getloadavg()[0]
   try:
@@ -208,13 +210,15 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, eval_batch_siz
   tx = optim.create_optimizer(config.optim, schedule)
   weights = metrics_lib.exit_weights(config.optim.exit_weights, model.num_exits)
   mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+  tech = train.techniques(config)
   p_train_step, p_eval_step = train.make_steps(model, tx, config.aug, plan, weights, mean, std, num_classes,
-                                               pipeline, train.techniques(config))
+                                               pipeline, tech)
 
   # Set-up, once: the state is initialised and replicated on the mesh (transfers allowed here only).
   with jax.transfer_guard("allow"):
+    meta_init = train.meta_initializer(tech, model.num_exits, jax.random.PRNGKey(2))
     state = parallel.replicate(ts.init_train_state(model, tx, jax.random.PRNGKey(0),
-                                                   sources.image_size(config.dataset)))
+                                                   sources.image_size(config.dataset), meta_init))
     aug_rng = parallel.replicate(jax.random.PRNGKey(1))
     votes = parallel.stop_votes(False)
   feed = train.make_feed(pipeline, data, 0, plan, 0)

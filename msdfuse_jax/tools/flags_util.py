@@ -64,12 +64,25 @@ def run_loop_fields(train: Any) -> None:
 def technique_fields(config: Any) -> None:
   """Adds the training techniques' fields, all off, to a config that has ``config.optim``: IMTA's gradient
   equilibrium (``optim.gradient_equilibrium``) and IMTA's distillation of the last exit into the earlier ones
-  (``distill.alpha``, ``distill.temperature``: loss_k = (1 - alpha) CE_k + alpha T^2 KL(p_K^T || p_k^T)).
-  BoostNet's boosted ensembles are a model field, ``model.boost_reweight``. See `train.techniques`."""
+  (``distill.alpha``, ``distill.temperature``: loss_k = (1 - alpha) CE_k + alpha T^2 KL(p_K^T || p_k^T)),
+  and L2W-DEN's meta-learned sample weights (``l2w.*``, `msdfuse_jax.l2w`). BoostNet's boosted ensembles
+  are a model field, ``model.boost_reweight``. See `train.techniques`."""
   config.optim.gradient_equilibrium = False
   config.distill = ml_collections.ConfigDict()
   config.distill.alpha = 0.0
   config.distill.temperature = 1.0
+  # L2W-DEN's meta-learned sample weights (`msdfuse_jax.l2w`): the authors' names and CIFAR command's values.
+  config.l2w = ml_collections.ConfigDict()
+  config.l2w.enabled = False
+  config.l2w.meta_net_hidden_size = 500  # the meta MLP's width
+  config.l2w.meta_net_num_layers = 1  # its ReLU layers (then linear + tanh)
+  config.l2w.meta_net_input_type = "loss"  # loss | conf | both: per-exit losses and/or max softmax
+  config.l2w.constraint_dimension = "col"  # row | col | mat: weights 1 + epsilon (w - mean over ...)
+  config.l2w.epsilon = 0.8
+  config.l2w.target_p_index = 15  # 1..39: the target exit distribution q_k ~ (index / 20)^k
+  config.l2w.meta_interval = 1  # meta update every N steps
+  config.l2w.meta_lr = 1e-4  # Adam, cosine to 0 over the run
+  config.l2w.meta_weight_decay = 1e-4
 
 
 def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
