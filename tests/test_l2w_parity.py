@@ -3,11 +3,12 @@ recorded by experiments/l2w_step_parity.py on a tiny MSDNet and fixed CIFAR-10 b
 
 The fixture is ``../shared/reference/l2w_parity.npz`` or the file ``$MSDFUSE_L2W_PARITY_FIXTURE``
 names; without it the tests are skipped, saying so. Each iteration t of their loop is compared with one
-step of this project's train step (`train.make_steps`, one device, one shard of the batch) started from their state after t
-iterations (classifier, SGD momentum, meta network, Adam moments and step count): the meta network's input
-and output in the first turn's look-ahead, the meta loss and the meta gradient of that turn, and both
-networks' parameters after the step (both turns). Tolerances as tests/test_step_parity.py (its
-measurements and reasoning); the meta gradient, a gradient of a gradient, gets 1e-3.
+step of this project's train step (`train.make_steps`, one device, one shard of the batch) started from
+their state after t iterations (classifier, SGD momentum, meta network, Adam moments and step count): the
+meta network's input and output in the first turn's look-ahead, the meta loss and the meta gradient of that
+turn, and both networks' parameters after the step (both turns). Tolerances as tests/test_step_parity.py
+(its measurements and reasoning, and its rule that one iteration may be a rounding flip within FLIP_BOUND);
+the meta gradient, a gradient through a gradient, gets 1e-3.
 """
 
 import json
@@ -156,7 +157,16 @@ def project(fixture):
                          batch_stats=variables["batch_stats"], opt_state=opt_state,
                          meta={"params": meta_params, "opt_state": meta_opt})
 
-  return dict(model=model, tx=tx, tech=tech, step=step, start=start, weights=weights, mean=mean, std=std)
+  def forward(params, batch_stats, images, _):
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                  mutable=["batch_stats"])
+    return logits, updates["batch_stats"]
+
+  # One turn's look-ahead, compiled once: what the step's scan body runs for the shard (l2w.Turn).
+  turn = l2w.Turn(tech.l2w, forward, lambda logits, y: train.exit_losses(logits, y, tech), tx, weights,
+                  model.num_exits)
+  return dict(model=model, tx=tx, tech=tech, step=step, start=start, weights=weights, mean=mean, std=std,
+              forward=forward, meta_gradient=jax.jit(turn.meta_gradient))
 
 
 def run_step(fixture, project, t: int) -> ts.TrainState:
@@ -196,26 +206,18 @@ def mismatches(name: str, actual, expected, tol: float) -> list[tuple[str, float
 def first_turn_mismatches(fixture, project, t: int) -> list[tuple[str, float]]:
   """Turn 2t of the authors' loop (the first half of batch t trains, the second is the meta half), from
   their state after t iterations: the meta network's input and output, the meta loss and gradient."""
-  model, tech = project["model"], project["tech"]
+  model, tech, forward = project["model"], project["tech"], project["forward"]
   state = project["start"](t)
   x = augment.normalize(fixture.arrays["images"][t], project["mean"], project["std"])
   targets = jax.nn.one_hot(fixture.arrays["labels"][t], fixture.config["num_classes"])
   half = x.shape[0] // 2
-
-  def forward(params, batch_stats, images, _):
-    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                  mutable=["batch_stats"])
-    return logits, updates["batch_stats"]
-
-  turn = l2w.Turn(tech.l2w, forward, lambda logits, y: train.exit_losses(logits, y, tech), project["tx"],
-                  project["weights"], model.num_exits)
   logits, _ = forward(state.params, state.batch_stats, x[:half], True)
   ce, _ = train.exit_losses(logits, targets[:half], tech)
   inputs = l2w.meta_input(tech.l2w, ce, logits)
   raw = l2w.meta_net(tech.l2w, model.num_exits).apply({"params": state.meta["params"]}, inputs)
-  value, grads, _ = jax.jit(turn.meta_gradient)(state.meta["params"], state.params, state.batch_stats,
-                                                state.opt_state, (x[:half], targets[:half]),
-                                                (x[half:], targets[half:]))
+  value, grads, _ = project["meta_gradient"](state.meta["params"], state.params, state.batch_stats,
+                                             state.opt_state, (x[:half], targets[:half]),
+                                             (x[half:], targets[half:]))
   where, arrays = f"turn {2 * t}", fixture.arrays
   out = (mismatches(f"{where} meta input", inputs, arrays["meta_input"][2 * t], META_TOL) +
          mismatches(f"{where} meta output", raw, arrays["meta_raw"][2 * t], META_TOL) +
