@@ -277,3 +277,8 @@ def validation_from_probs(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarr
   probs = budget.validate_probs(probs, "val_probs")
   labels = budget.validate_labels(labels, probs, "val_labels", "val_probs")
   return probs.max(axis=2), probs.argmax(axis=2) == labels[None, :]
+
+
+def fit_record(fit: Mapping[str, Any]) -> dict[str, Any]:
+  """`fit_time_budget`'s result as JSON (thresholds as floats), for a manifest or infer.json."""
+  return {key: ([float(t) for t in value] if key == "thresholds" else value) for key, value in fit.items()}

@@ -146,3 +146,60 @@ def test_budget_flags_are_one_line_errors(args, message, capsys):
   assert exit_.value.code == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith(f"error: {message}")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """The tiny trained run of tests/test_evaluate.py (trained once per session, shared)."""
+  from tests import test_evaluate as evaluate_tests  # pylint: disable=import-outside-toplevel
+  return evaluate_tests.tiny_run_dir(tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("float32_matmuls")
+def test_refits_from_an_export_equal_the_fits_of_the_tools(run_dir, tmp_path):
+  """An export keeps its stage time table and validation data: refits from them equal the fits made with the
+  model (ops and time budgets), and msdfuse-infer's time fit equals a refit of the stored data on its table."""
+  from msdfuse_jax import exporting, inference  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "export"
+  manifest = exporting.export_run(str(run_dir), str(out), p=8, batch_size=64, num_buckets=3, platforms=["cpu"])
+  table = timebudget.StageTimes.from_json(manifest["stage_times"])
+  assert table.batch_size == 64 and table.buckets == (64, 32, 16) and table.measured_on == "the exported programs"
+  assert table.device.startswith("cpu") and table.matmul_precision == "default"
+  assert manifest["validation"]["num_images"] == 517
+
+  runner = serving.Runner.from_dir(str(out))
+  assert runner.budget["p"] == 8 and runner.stage_times == table
+  rows = timebudget.candidates(*runner.validation(), table)
+  budget_ms = float(np.median([row["predicted_ms_per_image"] for row in rows]))
+  refit = runner.with_budget_ms(budget_ms)
+  best = max((row for row in rows if row["predicted_ms_per_image"] <= budget_ms),
+             key=lambda row: (row["predicted_ms_per_image"], -row["p"]))
+  assert refit.budget["p"] == best["p"] and refit.budget["predicted_ms_per_image"] <= budget_ms
+  assert refit.budget["budget_ms"] == budget_ms and refit.budget["family"] == timebudget.FAMILY
+  assert runner.thresholds.tolist() == manifest["thresholds"]  # the original runner keeps its own
+  # An ops budget at p = 8's validation cost gives back the thresholds the export fitted with the model.
+  by_ops = runner.with_budget_ops(manifest["expected_val_cost"])
+  assert by_ops.budget["p"] == 8 and by_ops.thresholds.tolist() == manifest["thresholds"]
+  # Impossible budgets are one-line errors naming the figure they missed.
+  with pytest.raises(ValueError, match=r"^budget_ms=1e-06 is impossible: it is below the first stage's "
+                     r"predicted time, [0-9.e-]+ ms per image on cpu[^\n]*$"):
+    runner.with_budget_ms(1e-6)
+  # measure() re-times the stages here and refits a runner fitted to a time budget (one every point fits:
+  # on a loaded machine the times move by several times).
+  generous = runner.with_budget_ms(1e3)
+  assert generous.measure(repeats=1) is generous and generous.stage_times is not table
+  again = timebudget.fit_time_budget(*runner.validation(), generous.stage_times, 1e3)
+  assert generous.budget["predicted_ms_per_image"] == again["predicted_ms_per_image"]
+
+  # msdfuse-infer's fit (in process: the model's probabilities, its own stage table, timed first) equals a
+  # refit of the export's stored data on that table. (The in-process programs' times are not the export's,
+  # so the budget is one every point fits: the point with the largest predicted time.)
+  infer = inference.run_inference(str(run_dir), None, None, 64, 1, budget_ms=1e3)
+  assert infer["budget_ms"] == 1e3 and infer["time_fit"]["num_images"] == infer["num_images"] == 1017
+  again = timebudget.fit_time_budget(*runner.validation(), timebudget.StageTimes.from_json(infer["stage_times"]),
+                                     infer["budget_ms"], infer["num_images"])
+  assert again["p"] == infer["p"] and [float(t) for t in again["thresholds"]] == infer["thresholds"]
+  assert infer["predicted_ms_per_image"] == pytest.approx(again["predicted_ms_per_image"], rel=1e-12)
+  assert infer["stage_times"]["measured_on"] == "the in-process programs" and infer["matches_simulation"] is True
+  assert 0 < infer["realised_ms_per_image"] < float("inf") and 0 < infer["accuracy"] <= 100
