@@ -311,7 +311,8 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
       budget.exits_from_confidence(fit["val_confidence"], thresholds), model.num_exits)
   predicted_ms = 1e3 * timebudget.predicted_seconds_per_image(val_reaching, stage_times, n)
   return {
-      "workdir": workdir, "step": step, "p": int(p), "thresholds": [float(t) for t in thresholds],
+      "workdir": workdir, "model": config.model.name, "dataset": config.dataset, "step": step,
+      "p": int(p), "thresholds": [float(t) for t in thresholds],
       "runner": "export" if export_dir is not None else "in-process",
       "export_dir": None if export_dir is None else os.path.abspath(export_dir),
       "num_images": n, "batch_size": batch_size, "buckets": runner.buckets,
