@@ -106,12 +106,26 @@ class Runner:
     self.manifest: dict | None = None
     self.calls: dict[tuple[int, int], int] = {}  # (stage, bucket size) -> number of calls so far
 
-  # Time budgets (`with_budget_ms`, `measure`): the stage time table the thresholds are fitted to (a
-  # `msdfuse_jax.timebudget.StageTimes`), how the runner's thresholds were chosen, and the export directory
-  # whose stored validation data a refit reads. Class attributes, so that a runner built without them has none.
-  stage_times: Any = None
+  # Time budgets (`with_budget_ms`, `measure`): how the runner's thresholds were chosen, and the export
+  # directory whose stored validation data a refit reads. Class attributes, so that a runner built without
+  # them has none.
   budget: dict | None = None
   source_dir: str | None = None
+  _stage_times: Any = None
+  _stage_times_record: dict | None = None  # the manifest's, read into `stage_times` when first asked for
+
+  @property
+  def stage_times(self) -> Any:
+    """The stage time table the thresholds are fitted to (a `msdfuse_jax.timebudget.StageTimes`), or None:
+    an export's (measured when it was written) until `measure` re-times the stages here."""
+    if self._stage_times is None and self._stage_times_record:
+      from msdfuse_jax import timebudget  # pylint: disable=import-outside-toplevel  (numpy only)
+      self._stage_times = timebudget.StageTimes.from_json(self._stage_times_record)
+    return self._stage_times
+
+  @stage_times.setter
+  def stage_times(self, table: Any) -> None:
+    self._stage_times, self._stage_times_record = table, None
 
   @classmethod
   def from_dir(cls, path: str) -> "Runner":
@@ -127,9 +141,7 @@ class Runner:
                  manifest["pieces"], manifest["thresholds"], manifest["image_shape"])
     runner.manifest = manifest
     runner.source_dir = path
-    if manifest.get("stage_times"):
-      from msdfuse_jax import timebudget  # pylint: disable=import-outside-toplevel  (numpy only)
-      runner.stage_times = timebudget.StageTimes.from_json(manifest["stage_times"])
+    runner._stage_times_record = manifest.get("stage_times")  # pylint: disable=protected-access
     runner.budget = {**{key: manifest.get(key) for key in ("p", "cost_budget", "budget_ms")},
                      "num_images": (manifest.get("time_fit") or {}).get("num_images")}
     return runner
