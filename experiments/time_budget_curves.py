@@ -7,21 +7,20 @@ figures of docs/early_exit.md ("Time budgets").
 
 In one process and one sitting, what ``msdfuse-infer --budget_ms=T`` and ``msdfuse-infer --budget=B`` do for
 many budgets without reloading and recompiling each time: the in-process early-exit runner
-(`msdfuse_jax.inference.EarlyExitRunner`, batch B) has its stages timed first (`serving.Runner.measure`), and
-the full network (every exit) is timed too; then for every fraction f, the thresholds fitted to T = f x the
-full network's measured ms per image (`timebudget.fit_time_budget`, for the test set's size) and those
-fitted to B = f x the full network's literature cost (`timebudget.fit_ops_budget`, what ``--budget``
-chooses) each classify the whole test set (best of `--repeats`, warm). Every point is written as an
-infer.json-like file (``budget_ms`` or ``cost_budget``, ``predicted_ms_per_image``,
-``realised_ms_per_image``, ``accuracy``, ...) into POINTS_DIR, and a markdown table is printed, with the
-time-fitted points set beside the ops-fitted curve at equal realised time
-(`msdfuse_jax.evaluation.time_report.compare_at_equal_time`).
+(`msdfuse_jax.inference.EarlyExitRunner`, batch B) is built once; for every fraction f and each kind of fit,
+within a few seconds: the full network (every exit) is timed, the stages are timed (`serving.Runner.measure`,
+as every msdfuse-infer run times them before its fit), the thresholds are fitted, to T = f x the full
+network's measured ms per image (`timebudget.fit_time_budget`, for the test set's size) or to B = f x the
+full network's literature cost (`timebudget.fit_ops_budget`, what ``--budget`` chooses), and they classify
+the whole test set (best of `--repeats`, warm). Every point is written as an infer.json-like file
+(``budget_ms`` or ``cost_budget``, ``predicted_ms_per_image``, ``realised_ms_per_image``, ``accuracy``, ...)
+into POINTS_DIR, and a markdown table is printed, with the time-fitted points set beside the ops-fitted curve
+at equal realised time (`msdfuse_jax.evaluation.time_report.compare_at_equal_time`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import jax
@@ -52,20 +51,24 @@ def main() -> None:
   mean, std = np.asarray(data.mean), np.asarray(data.std)
   test = np.asarray(data.test_images)
   n = len(test)
-  runner = inference.EarlyExitRunner(model, variables, lambda x: augment.eval_batch(x, mean, std), batch_size=b)
-  with jax.default_matmul_precision(inference.TIMING_PRECISION):
-    runner.measure(test, repeats)
-    every_exit, _ = inference.full_network_fns(model, lambda x: augment.eval_batch(x, mean, std))
-    full_ms = 1e3 * inference.time_batches(every_exit, variables, test, b, repeats) / n
-  table = runner.stage_times
-  print(f"{config.model.name}: full network {full_ms:.3f} ms per image; stages at batch {b}: "
-        f"{', '.join(f'{t:.3f}' for t in table.to_json()['ms_per_image_at_batch_size'])} ms per image; "
-        f"first stage alone {timebudget.first_stage_ms(table, n):.3f} (on {table.device})")
+  preprocess = lambda x: augment.eval_batch(x, mean, std)
+  runner = inference.EarlyExitRunner(model, variables, preprocess, batch_size=b)
+  every_exit, _ = inference.full_network_fns(model, preprocess)
 
   os.makedirs(args.out, exist_ok=True)
   points = []
   for f in fractions:
     for kind in ("time budget", "ops budget"):
+      # For every point, within a few seconds: the full network (the budget's unit), the stages (as each
+      # msdfuse-infer run times them before its fit), then the fitted thresholds' runs, so that all three
+      # see about the same load on a shared machine.
+      with jax.default_matmul_precision(inference.TIMING_PRECISION):
+        full_ms = 1e3 * inference.time_batches(every_exit, variables, test, b, repeats) / n
+        runner.measure(test, repeats)
+      table = runner.stage_times
+      print(f"f={f:.2f}, {kind}: full network {full_ms:.3f} ms per image; stages at batch {b}: "
+            f"{', '.join(f'{t:.3f}' for t in table.to_json()['ms_per_image_at_batch_size'])}; first stage "
+            f"alone {timebudget.first_stage_ms(table, n):.3f} (on {table.device})", flush=True)
       try:
         if kind == "time budget":
           chosen = timebudget.fit_time_budget(conf, correct, table, f * full_ms, n)
@@ -77,7 +80,8 @@ def main() -> None:
       thresholds = chosen["thresholds"]
       with jax.default_matmul_precision(inference.TIMING_PRECISION):
         result = min((runner.run(test, thresholds) for _ in range(repeats)), key=lambda r: r.seconds)
-      reaching = timebudget.reaching_fractions(budget.exits_from_confidence(conf, thresholds), model.num_exits)
+      exits = budget.exits_from_confidence(conf, thresholds)
+      reaching = timebudget.reaching_fractions(exits, model.num_exits)
       counts = np.bincount(result.exits - 1, minlength=model.num_exits)
       point = {
           "workdir": args.workdir, "model": config.model.name, "dataset": config.dataset, "step": step,
@@ -99,16 +103,17 @@ def main() -> None:
   for p in sorted(points, key=lambda p: (p["fraction"], p["kind"])):
     target = (f"{p['budget_ms']:.3f} ms" if p["kind"] == "time budget" else f"{p['cost_budget']:.3g} ops")
     print(f"| {p['fraction']:.2f} | {p['kind']} | {p['p']} | {target} | {p['predicted_ms_per_image']:.3f} | "
-          f"{p['realised_ms_per_image']:.3f} | {p['realised_ms_per_image'] / full_ms:.2f} | "
+          f"{p['realised_ms_per_image']:.3f} | "
+          f"{p['realised_ms_per_image'] / p['full_network_ms_per_image']:.2f} | "
           f"{p['accuracy']:.2f} |")
-  print("\n| budget ms | p | realised ms | realised / budget | accuracy | ops-fitted accuracy at equal time |")
+  print("\n| budget ms | p | realised ms | realised / budget | accuracy | ops-fitted accuracy at equal "
+        "time |")
   print("|---|---|---|---|---|---|")
   for row in time_report.compare_at_equal_time(points):
     at = "outside its range" if row["ops_accuracy_at_equal_time"] is None else \
         f"{row['ops_accuracy_at_equal_time']:.2f}"
     print(f"| {row['budget_ms']:.3f} | {row['p']} | {row['realised_ms_per_image']:.3f} | "
           f"{row['realised_over_budget']:.2f} | {row['accuracy']:.2f} | {at} |")
-  print(json.dumps({"full_network_ms_per_image": full_ms, "stage_times": table.to_json()}))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ An export directory holds, for one budget (the thresholds fitted on the run's va
 `msdfuse-eval` and `msdfuse-infer` fit them):
 
   manifest.json              model, dataset, exits, image shape, bucket sizes, per-exit literature cost,
-                             thresholds, the budget, SHA-256 of every program, the commit and the run's config,
-                             and the stage time table (each program timed on this machine, `stage_times`)
+                             thresholds, the budget, SHA-256 of every program, the commit and the run's
+                             config, and the stage time table (each program timed on this machine)
   validation.npz             the validation split's per-exit confidences and correctness, so that
                              `serving.Runner.with_budget_ms` / `with_budget_ops` refit without the model
   stage{k}_b{b}.jaxexport    stage k's program at bucket size b (`jax.export`, StableHLO inside): stage 1
@@ -220,8 +220,8 @@ def export_run(workdir: str, out: str, p: int | None = None, cost_budget: float 
                           metadata=metadata, validation=(fit["val_confidence"], fit["val_correct"]))
   if budget_ms is not None:
     try:
-      time_fit = timebudget.fit_time_budget(fit["val_confidence"], fit["val_correct"],
-                                            timebudget.StageTimes.from_json(manifest["stage_times"]), budget_ms)
+      table = timebudget.StageTimes.from_json(manifest["stage_times"])
+      time_fit = timebudget.fit_time_budget(fit["val_confidence"], fit["val_correct"], table, budget_ms)
     except ValueError:
       shutil.rmtree(out, ignore_errors=True)  # the tool wrote into a new or empty directory
       raise

@@ -363,18 +363,20 @@ class Runner:
                         "measure() first")
     conf, correct = self.validation()
     fit = timebudget.fit_time_budget(conf, correct, self.stage_times, budget_ms, num_images)
-    return self._refitted(fit["thresholds"], {key: value for key, value in fit.items() if key != "thresholds"})
+    return self._refitted(fit["thresholds"], {k: v for k, v in fit.items() if k != "thresholds"})
 
   def with_budget_ops(self, budget_ops: float) -> "Runner":
     """A runner (the same programs) whose thresholds are refitted on the stored validation data for an
-    average literature cost per image of at most `budget_ops` (op_counter units), as ``--budget`` fits them."""
+    average literature cost per image of at most `budget_ops` (op_counter units), as ``--budget`` fits
+    them."""
     from msdfuse_jax import timebudget  # pylint: disable=import-outside-toplevel
     if self.manifest is None or "exit_costs" not in self.manifest:
       raise ExportError("this runner's manifest has no per-exit costs to fit an ops budget to")
     conf, _ = self.validation()
     fit = timebudget.fit_ops_budget(conf, self.manifest["exit_costs"], budget_ops)
-    return self._refitted(fit["thresholds"], {"p": fit["p"], "cost_budget": float(budget_ops),
-                                              "budget_ms": None, "expected_val_cost": fit["expected_val_cost"]})
+    record = {"p": fit["p"], "cost_budget": float(budget_ops), "budget_ms": None,
+              "expected_val_cost": fit["expected_val_cost"]}
+    return self._refitted(fit["thresholds"], record)
 
   def _refitted(self, thresholds: np.ndarray, fit: dict) -> "Runner":
     runner = copy.copy(self)  # the programs are shared; thresholds, budget and call counts are its own

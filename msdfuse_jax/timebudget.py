@@ -8,7 +8,8 @@ far more of the time than of the cost. So a budget in milliseconds is fitted to 
 * `predicted_seconds_per_image`: the runner's mean time per image when a given fraction of the images reaches
   each stage. The runner cuts its images into chunks of ``batch_size * pieces``; in each chunk stage k runs
   on full batches of the survivors and pads the last one to the smallest bucket that holds it
-  (`serving.Runner`), so the prediction adds up exactly those calls (`stage_calls`), each at its measured time.
+  (`serving.Runner`), so the prediction adds up exactly those calls (`stage_calls`), each at its measured
+  time.
 * `fit_time_budget`: the thresholds of the reference's budget points p = 1..39 (`budget.fit_from_confidence`,
   what ``msdfuse-eval`` plots), each fitted on the validation split's confidences and applied back to them to
   get the fractions reaching every stage; chosen is the point with the largest predicted time not above the
@@ -32,7 +33,8 @@ import numpy as np
 from msdfuse_jax.evaluation import budget
 
 VALIDATION_FILE = "validation.npz"  # inside an export directory
-FAMILY = f"the reference's budget points p = 1..{budget.NUM_BUDGET_POINTS} (q = p/20), fitted on the validation split"
+FAMILY = (f"the reference's budget points p = 1..{budget.NUM_BUDGET_POINTS} (q = p/20), fitted on the "
+          "validation split")
 CRITERION = "the largest predicted mean time per image not above the budget (ties: the smaller p)"
 
 

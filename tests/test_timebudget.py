@@ -158,13 +158,16 @@ def run_dir(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.usefixtures("float32_matmuls")
 def test_refits_from_an_export_equal_the_fits_of_the_tools(run_dir, tmp_path):
-  """An export keeps its stage time table and validation data: refits from them equal the fits made with the
-  model (ops and time budgets), and msdfuse-infer's time fit equals a refit of the stored data on its table."""
+  """An export keeps its stage time table and validation data: refits from them equal the fits made with
+  the model (ops and time budgets), and msdfuse-infer's time fit equals a refit of the stored data on its
+  table."""
   from msdfuse_jax import exporting, inference  # pylint: disable=import-outside-toplevel
   out = tmp_path / "export"
-  manifest = exporting.export_run(str(run_dir), str(out), p=8, batch_size=64, num_buckets=3, platforms=["cpu"])
+  manifest = exporting.export_run(str(run_dir), str(out), p=8, batch_size=64, num_buckets=3,
+                                  platforms=["cpu"])
   table = timebudget.StageTimes.from_json(manifest["stage_times"])
-  assert table.batch_size == 64 and table.buckets == (64, 32, 16) and table.measured_on == "the exported programs"
+  assert table.batch_size == 64 and table.buckets == (64, 32, 16)
+  assert table.measured_on == "the exported programs"
   assert table.device.startswith("cpu") and table.matmul_precision == "default"
   assert manifest["validation"]["num_images"] == 517
 
@@ -197,9 +200,11 @@ def test_refits_from_an_export_equal_the_fits_of_the_tools(run_dir, tmp_path):
   # so the budget is one every point fits: the point with the largest predicted time.)
   infer = inference.run_inference(str(run_dir), None, None, 64, 1, budget_ms=1e3)
   assert infer["budget_ms"] == 1e3 and infer["time_fit"]["num_images"] == infer["num_images"] == 1017
-  again = timebudget.fit_time_budget(*runner.validation(), timebudget.StageTimes.from_json(infer["stage_times"]),
-                                     infer["budget_ms"], infer["num_images"])
+  infer_table = timebudget.StageTimes.from_json(infer["stage_times"])
+  again = timebudget.fit_time_budget(*runner.validation(), infer_table, infer["budget_ms"],
+                                     infer["num_images"])
   assert again["p"] == infer["p"] and [float(t) for t in again["thresholds"]] == infer["thresholds"]
   assert infer["predicted_ms_per_image"] == pytest.approx(again["predicted_ms_per_image"], rel=1e-12)
-  assert infer["stage_times"]["measured_on"] == "the in-process programs" and infer["matches_simulation"] is True
+  assert infer["stage_times"]["measured_on"] == "the in-process programs"
+  assert infer["matches_simulation"] is True
   assert 0 < infer["realised_ms_per_image"] < float("inf") and 0 < infer["accuracy"] <= 100

@@ -1,9 +1,9 @@
 """Budgeted accuracy against realised time: the points of ``msdfuse-infer`` runs (``infer.json``), compared.
 
-Each ``infer.json`` (``WORKDIR/eval/infer.json``, or any copy of it) is one point: the test accuracy of one set
-of thresholds and the realised mean time per image of the early-exit runner that classified the test set with
-them (``realised_ms_per_image``). A point is *fitted to time* when it has a ``budget_ms``, to an *ops budget*
-when it has a ``cost_budget``, else it is a plain budget point ``p``. `time_figure` draws accuracy against
+Each ``infer.json`` (``WORKDIR/eval/infer.json``, or any copy of it) is one point: the test accuracy of one
+set of thresholds and the realised mean time per image of the early-exit runner that classified the test set
+with them (``realised_ms_per_image``). A point is *fitted to time* when it has a ``budget_ms``, to an *ops
+budget* when it has a ``cost_budget``, else it is a plain budget point ``p``. `time_figure` draws accuracy against
 realised time, one line per model and kind of fit (``msdfuse-plot --time``); `compare_at_equal_time` sets
 each time-fitted point beside the ops-fitted curve of the same model read at the same realised time (linear
 interpolation between its two neighbouring points), which is what fitting to time buys, or not, at equal
@@ -27,7 +27,8 @@ KINDS = ("time budget", "ops budget", "budget point")  # `fit_kind`'s names, in 
 
 
 def fit_kind(point: Mapping[str, Any]) -> str:
-  """``"time budget"`` (fitted to ``budget_ms``), ``"ops budget"`` (to ``cost_budget``) or ``"budget point"``."""
+  """``"time budget"`` (fitted to ``budget_ms``), ``"ops budget"`` (to ``cost_budget``), else
+  ``"budget point"``."""
   if point.get("budget_ms") is not None:
     return "time budget"
   if point.get("cost_budget") is not None:
@@ -73,7 +74,8 @@ def load_points(paths: Sequence[PathLike]) -> list[dict[str, Any]]:
       point = json.load(f)
     missing = [key for key in REQUIRED if point.get(key) is None]
     if missing:
-      raise ValueError(f"{file} has no {missing}: not an infer.json of this version (run msdfuse-infer again)")
+      raise ValueError(f"{file} has no {missing}: not an infer.json of this version (run msdfuse-infer "
+                       "again)")
     points.append({**point, "label": _label(point, file), "kind": fit_kind(point), "file": str(file)})
   if not points:
     raise ValueError(f"no infer.json points in {list(map(str, paths))}")
