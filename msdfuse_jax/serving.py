@@ -6,6 +6,11 @@ flax or the training code:
 
   runner = serving.Runner.from_dir("/srv/msdfuse_p10")
   predictions, exits = runner(images)          # uint8 (N, H, W, C); exits are 1-based
+  runner = runner.measure().with_budget_ms(2)  # re-timed here, refitted for 2 ms per image
+
+An export keeps its stage time table and its validation split's per-exit confidences and correctness, so
+`Runner.with_budget_ms` and `Runner.with_budget_ops` refit its thresholds without the model
+(`msdfuse_jax.timebudget`, numpy only, imported only then).
 
 How a batch runs (the same for the programs compiled in-process by `msdfuse_jax.inference`): images are
 taken a chunk of `pieces` batches at a time. Stage 1 runs on each batch; every program returns, besides its
