@@ -4,7 +4,10 @@ An export directory holds, for one budget (the thresholds fitted on the run's va
 `msdfuse-eval` and `msdfuse-infer` fit them):
 
   manifest.json              model, dataset, exits, image shape, bucket sizes, per-exit literature cost,
-                             thresholds, the budget, SHA-256 of every program, the commit and the run's config
+                             thresholds, the budget, SHA-256 of every program, the commit and the run's
+                             config, and the stage time table (each program timed on this machine)
+  validation.npz             the validation split's per-exit confidences and correctness, so that
+                             `serving.Runner.with_budget_ms` / `with_budget_ops` refit without the model
   stage{k}_b{b}.jaxexport    stage k's program at bucket size b (`jax.export`, StableHLO inside): stage 1
                              takes uint8 images and normalises them; every stage returns its exit's
                              confidence and prediction and the state the next stage gathers its survivors from
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 from typing import Any, Sequence
 
@@ -26,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msdfuse_jax import folding, inference, rundir, serving
+from msdfuse_jax import folding, inference, rundir, serving, timebudget
 from msdfuse_jax.data import augment, sources
-from msdfuse_jax.evaluation import evaluate
+from msdfuse_jax.evaluation import budget, evaluate
 
 FOLD_TOLERANCE = 1e-3  # largest |folded - unfolded| logit the export accepts (float32 gives ~1e-6)
 CHECK_PRECISION = "highest"  # jax.default_matmul_precision of the folding check
@@ -84,7 +88,8 @@ def export_model(model: Any, variables: Any, mean: Sequence[float], std: Sequenc
                  image_shape: Sequence[int], out: str, thresholds: Sequence[float], *,
                  batch_size: int = 256, num_buckets: int = 5, chunk_batches: int = 4,
                  platforms: Sequence[str] | None = None, check_images: np.ndarray | None = None,
-                 metadata: dict | None = None) -> dict:
+                 metadata: dict | None = None, validation: tuple[np.ndarray, np.ndarray] | None = None,
+                 time_repeats: int = 3) -> dict:
   """Writes the programs of `model` (float32, BatchNorm folded) and a manifest into `out`.
 
   Args:
@@ -97,6 +102,10 @@ def export_model(model: Any, variables: Any, mean: Sequence[float], std: Sequenc
     platforms: lower for these (`check_platforms`).
     check_images: uint8 images for the folding check (default: random pixels).
     metadata: more manifest fields (model name, dataset, costs, budget, source).
+    validation: the validation split's (K, N) confidences and correctness, stored for refits
+      (`timebudget.save_validation`).
+    time_repeats: timed calls per program for the stage time table (``manifest["stage_times"]``: the
+      written programs, loaded as `serving` loads them, timed on this machine); 0: no table.
 
   Returns:
     The manifest.
@@ -154,22 +163,44 @@ def export_model(model: Any, variables: Any, mean: Sequence[float], std: Sequenc
       "model": type(model).__name__,
       **(metadata or {}),
   }
+  if validation is not None:
+    file = timebudget.save_validation(out, *validation)
+    with open(file, "rb") as f:
+      manifest["validation"] = {"file": timebudget.VALIDATION_FILE, "num_images": int(validation[0].shape[1]),
+                                "sha256": hashlib.sha256(f.read()).hexdigest()}
   rundir.write_json(os.path.join(out, serving.MANIFEST), manifest)
+  if time_repeats > 0 and jax.default_backend() in _platform_names(platforms):
+    runner = serving.Runner.from_dir(out)
+    manifest["stage_times"] = runner.time_table(np.asarray(check_images), time_repeats).to_json()
+    rundir.write_json(os.path.join(out, serving.MANIFEST), manifest)
   return manifest
+
+
+def _platform_names(platforms: Sequence[str]) -> set[str]:
+  """jax.default_backend() names of `platforms` (an export for cuda or rocm runs on the 'gpu' backend)."""
+  return {"gpu" if p in ("cuda", "rocm") else p for p in platforms}
 
 
 def export_run(workdir: str, out: str, p: int | None = None, cost_budget: float | None = None,
                batch_size: int = 256, num_buckets: int = 5, chunk_batches: int = 4,
-               platforms: Sequence[str] | None = None) -> dict:
-  """`msdfuse-export`: writes the export directory `out` for run `workdir` at budget point `p` (or the
-  largest point whose validation cost fits `cost_budget`), the thresholds fitted on its validation split.
+               platforms: Sequence[str] | None = None, budget_ms: float | None = None) -> dict:
+  """`msdfuse-export`: writes the export directory `out` for run `workdir` at budget point `p`, or the
+  largest point whose validation cost fits `cost_budget`, or (`budget_ms`) the largest point whose predicted
+  mean time per image, from the written programs timed on this machine, fits `budget_ms` milliseconds
+  (`timebudget.fit_time_budget`, for full chunks); the thresholds fitted on its validation split.
 
   Returns:
     The manifest (also written to ``out/manifest.json``).
   """
   check_platforms(platforms)
+  if budget_ms is not None and jax.default_backend() not in _platform_names(check_platforms(platforms)):
+    raise ValueError(f"--budget_ms fits to the programs' times on this {jax.default_backend()} machine: "
+                     "include its platform in --platforms")
   config, model, variables, step, data = evaluate.load_run(workdir, dtype="float32")
-  fit = inference.fit_budget(config, model, variables, data, p, cost_budget, batch_size)
+  # A time budget is fitted after the programs are written and timed; until then the manifest holds the
+  # thresholds of point p = 1, replaced below (or the directory is removed if no point fits).
+  fit = inference.fit_budget(config, model, variables, data, 1 if budget_ms is not None else p, cost_budget,
+                             batch_size)
   image_shape = np.asarray(data.test_images[:1]).shape[1:]
   metadata = {
       "model": config.model.name,
@@ -178,11 +209,26 @@ def export_run(workdir: str, out: str, p: int | None = None, cost_budget: float 
       "exit_costs": [int(c) for c in fit["exit_costs"]],
       "p": fit["p"],
       "cost_budget": cost_budget,
+      "budget_ms": budget_ms,
       "expected_val_cost": fit["expected_val_cost"],
       "source": {"workdir": os.path.abspath(workdir), "step": int(step), "commit": _commit(),
                  "jax": jax.__version__, "config": config.to_dict()},
   }
-  return export_model(model, variables, data.mean, data.std, image_shape, out, fit["thresholds"],
-                      batch_size=batch_size, num_buckets=num_buckets, chunk_batches=chunk_batches,
-                      platforms=platforms, check_images=np.asarray(data.val_images[:64]),
-                      metadata=metadata)
+  manifest = export_model(model, variables, data.mean, data.std, image_shape, out, fit["thresholds"],
+                          batch_size=batch_size, num_buckets=num_buckets, chunk_batches=chunk_batches,
+                          platforms=platforms, check_images=np.asarray(data.val_images[:64]),
+                          metadata=metadata, validation=(fit["val_confidence"], fit["val_correct"]))
+  if budget_ms is not None:
+    try:
+      table = timebudget.StageTimes.from_json(manifest["stage_times"])
+      time_fit = timebudget.fit_time_budget(fit["val_confidence"], fit["val_correct"], table, budget_ms)
+    except ValueError:
+      shutil.rmtree(out, ignore_errors=True)  # the tool wrote into a new or empty directory
+      raise
+    exits = budget.exits_from_confidence(fit["val_confidence"], time_fit["thresholds"])
+    counts = np.bincount(exits, minlength=model.num_exits)
+    manifest.update(p=time_fit["p"], thresholds=[float(t) for t in time_fit["thresholds"]],
+                    expected_val_cost=float(np.dot(counts / len(exits), fit["exit_costs"])),
+                    time_fit=timebudget.fit_record({k: v for k, v in time_fit.items() if k != "thresholds"}))
+    rundir.write_json(os.path.join(out, serving.MANIFEST), manifest)
+  return manifest

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msdfuse_jax import costs, folding, models, serving
+from msdfuse_jax import costs, folding, models, serving, timebudget
 from msdfuse_jax.data import augment, sources
 from msdfuse_jax.evaluation import budget, evaluate, predict
 
@@ -159,14 +159,18 @@ def time_batches(fn, variables: Any, images: np.ndarray, batch_size: int, repeat
 
 
 def fit_budget(config: Any, model: Any, variables: Any, data: Any, p: int | None,
-               cost_budget: float | None, batch_size: int) -> dict:
-  """The thresholds of budget point `p` (or of the largest point whose validation cost fits `cost_budget`),
-  fitted on the validation split exactly as `msdfuse-eval` fits them, from probabilities computed at
-  `SIMULATION_PRECISION`.
+               cost_budget: float | None, batch_size: int, budget_ms: float | None = None,
+               stage_times: timebudget.StageTimes | None = None, num_images: int | None = None) -> dict:
+  """The thresholds of budget point `p`, or of the largest point whose validation cost fits `cost_budget`,
+  or of the largest point whose predicted time per image on `stage_times` fits `budget_ms`
+  (`timebudget.fit_time_budget`, for runs of `num_images` images), fitted on the validation split exactly
+  as `msdfuse-eval` fits them, from probabilities computed at `SIMULATION_PRECISION`.
 
   Returns:
-    dict with ``p``, ``thresholds``, ``exit_costs`` (literature op_counter per exit), ``expected_val_cost``
-    and the validation and test probabilities (``val_probs``, ``test_probs``: (K, N, C)).
+    dict with ``p``, ``thresholds``, ``exit_costs`` (literature op_counter per exit), ``expected_val_cost``,
+    the validation and test probabilities (``val_probs``, ``test_probs``: (K, N, C)), the validation
+    split's per-exit confidences and correctness (``val_confidence``, ``val_correct``: (K, N), what an
+    export keeps to refit) and ``time_fit`` (`timebudget.fit_time_budget`'s record, or None).
   """
   mean, std = np.asarray(data.mean), np.asarray(data.std)
   predict_fn = predict.make_predict_fn(model, mean, std)
@@ -178,13 +182,20 @@ def fit_budget(config: Any, model: Any, variables: Any, data: Any, p: int | None
   exit_costs = [c.op_counter for c in costs.exit_costs(models.from_config(config, dtype="float32"),
                                                        image_size=sources.image_size(config.dataset),
                                                        with_xla=False)]
-  if p is None:
+  val_conf, val_correct = timebudget.validation_from_probs(val_probs, data.val_labels)
+  time_fit = None
+  if budget_ms is not None:
+    if stage_times is None:
+      raise ValueError("a time budget needs the stages' measured times")
+    time_fit = timebudget.fit_time_budget(val_conf, val_correct, stage_times, budget_ms, num_images)
+    p = time_fit["p"]
+  elif p is None:
     p = budget.thresholds_for_budget(val_probs, exit_costs, cost_budget)
   thresholds = budget.fit_thresholds(val_probs, p)
   val_exits, _ = budget.apply_thresholds(val_probs, thresholds)
   counts = np.bincount(val_exits, minlength=model.num_exits)
   return dict(p=int(p), thresholds=thresholds, exit_costs=exit_costs, val_probs=val_probs,
-              test_probs=test_probs,
+              test_probs=test_probs, val_confidence=val_conf, val_correct=val_correct, time_fit=time_fit,
               expected_val_cost=float(np.dot(counts / len(val_exits), exit_costs)))
 
 
@@ -197,50 +208,71 @@ def check_export_matches(manifest: dict, config: Any, export_dir: str) -> None:
 
 
 def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_size: int,
-                  repeats: int, export_dir: str | None = None) -> dict:
+                  repeats: int, export_dir: str | None = None, budget_ms: float | None = None) -> dict:
   """`msdfuse-infer`'s work: fits thresholds, runs early exit and the baselines, checks the simulation,
   and times every stage alone.
 
   Args:
     workdir: a run directory (trained or imported).
-    p: the budget point (1..`budget.NUM_BUDGET_POINTS`), or None to use `cost_budget`.
-    cost_budget: the largest average cost per image (literature op_counter units) when `p` is None.
+    p: the budget point (1..`budget.NUM_BUDGET_POINTS`), or None to use `cost_budget` or `budget_ms`.
+    cost_budget: the largest average cost per image (literature op_counter units).
     batch_size: images per batch (the largest bucket).
     repeats: timed repetitions; the best is reported.
     export_dir: run the exported programs of this directory (`msdfuse-export`) with `serving.Runner`
-      instead of the in-process model; its thresholds, batch size and buckets are then the export's
-      (`p`, `cost_budget` and `batch_size` must be None).
+      instead of the in-process model; its batch size and buckets are then the export's, and its
+      thresholds too unless `budget_ms` is given (`p`, `cost_budget` and `batch_size` must be None).
+    budget_ms: the largest predicted mean milliseconds per image on this machine: the stages are timed
+      first (`serving.Runner.measure`) and the thresholds fitted to those times (`timebudget`), on the
+      validation split (with an export: on the validation data it stores, `Runner.with_budget_ms`).
 
   Returns:
     The figures written to ``WORKDIR/eval/infer.json``. ``matches_simulation`` compares the runner's
     predictions and exits with ``simulation``'s (in process: the model's full forward passes, both at
     `SIMULATION_PRECISION`; with an export: its own programs run on every image, at their precision);
     ``matmul_precision`` says at what precision the timings, that check and the thresholds were taken.
-    Every transfer between host and device is explicit (it runs under ``JAX_TRANSFER_GUARD=disallow``).
+    ``predicted_ms_per_image`` is the time the stage table (``stage_times``) predicts for the thresholds
+    (the validation split's fractions reaching each stage), ``realised_ms_per_image`` the best wall time of
+    the whole test set over its images, warm. Every transfer between host and device is explicit (it runs
+    under ``JAX_TRANSFER_GUARD=disallow``).
   """
   if export_dir is not None:
     manifest = serving.read_manifest(export_dir)
     config, model, variables, step, data = evaluate.load_run(workdir, dtype="float32")
     check_export_matches(manifest, config, export_dir)
     batch_size = int(manifest["batch_size"])
-    fit = fit_budget(config, model, variables, data, int(manifest["p"]), None, batch_size)
-    thresholds = np.asarray(manifest["thresholds"], np.float32)
     runner = serving.Runner.from_dir(export_dir)
   else:
     config, model, variables, step, data = evaluate.load_run(workdir)
-    fit = fit_budget(config, model, variables, data, p, cost_budget, batch_size)
-    thresholds = fit["thresholds"]
-  p, exit_costs = fit["p"], fit["exit_costs"]
-
   # Timed on decoded images held in memory (ImageNet's lazy test set is decoded here, once).
   test_images = np.asarray(data.test_images)
+  n = len(test_images)
   mean, std = np.asarray(data.mean), np.asarray(data.std)
   preprocess = lambda images: augment.eval_batch(images, mean, std)
+  if export_dir is None:
+    runner = EarlyExitRunner(model, variables, preprocess, batch_size=batch_size)
+  if budget_ms is not None:  # the stages' times on this machine come first: the fit needs them
+    with jax.default_matmul_precision(TIMING_PRECISION):
+      runner.measure(test_images, repeats)
+  if export_dir is not None:
+    if budget_ms is not None:  # refitted on the export's stored validation data
+      runner = runner.with_budget_ms(budget_ms, num_images=n)
+      time_fit = timebudget.fit_record(runner.budget)
+      p = runner.budget["p"]
+    else:
+      time_fit, p = None, manifest["p"]
+    fit = fit_budget(config, model, variables, data, int(p), None, batch_size)
+    thresholds = runner.thresholds
+  else:
+    fit = fit_budget(config, model, variables, data, p, cost_budget, batch_size, budget_ms,
+                     runner.stage_times, n)
+    thresholds = fit["thresholds"]
+    time_fit = None if fit["time_fit"] is None else timebudget.fit_record(fit["time_fit"])
+  p, exit_costs = fit["p"], fit["exit_costs"]
+
   # The check compares like with like. In process: the runner's decisions and the simulation's
   # probabilities (`fit_budget`), both at SIMULATION_PRECISION. An export's programs have their precision
   # built in: they are checked against the simulation computed with the same programs.
   if export_dir is None:
-    runner = EarlyExitRunner(model, variables, preprocess, batch_size=batch_size)
     with jax.default_matmul_precision(SIMULATION_PRECISION):
       checked = runner.run(test_images, thresholds)
     sim_exits, sim_preds = budget.apply_thresholds(fit["test_probs"], thresholds)
@@ -260,9 +292,11 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
     every_exit, last_exit = full_network_fns(model, preprocess)
     t_full = time_batches(every_exit, variables, test_images, batch_size, repeats)
     t_last = time_batches(last_exit, variables, test_images, batch_size, repeats)
-    stage_seconds = runner.stage_seconds(test_images, repeats)
+    # A time budget measured the stages before its fit: that table is reported. Otherwise they are timed
+    # now, without refitting anything (an export fitted to a time budget keeps its thresholds here).
+    stage_times = runner.stage_times if budget_ms is not None else runner.time_table(test_images, repeats)
+  stage_seconds = stage_times.seconds
 
-  n = len(test_images)
   counts = np.bincount(checked.exits - 1, minlength=model.num_exits)
   reaching = n - np.concatenate([[0], np.cumsum(counts)[:-1]])
   per_image = np.array([stage_seconds[k][batch_size] / batch_size for k in range(1, model.num_exits + 1)])
@@ -271,14 +305,24 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
   predicted = exit_costs[-1] / expected_cost
   realised = t_full / result.seconds
   time_ideal = t_full / t_ideal
+  # The time the table predicts for these thresholds, as the time budget's fit predicts it: the validation
+  # split's fractions reaching each stage, priced at the runner's calls for n images.
+  val_reaching = timebudget.reaching_fractions(
+      budget.exits_from_confidence(fit["val_confidence"], thresholds), model.num_exits)
+  predicted_ms = 1e3 * timebudget.predicted_seconds_per_image(val_reaching, stage_times, n)
   return {
-      "workdir": workdir, "step": step, "p": int(p), "thresholds": [float(t) for t in thresholds],
+      "workdir": workdir, "model": config.model.name, "dataset": config.dataset, "step": step,
+      "p": int(p), "thresholds": [float(t) for t in thresholds],
       "runner": "export" if export_dir is not None else "in-process",
       "export_dir": None if export_dir is None else os.path.abspath(export_dir),
       "num_images": n, "batch_size": batch_size, "buckets": runner.buckets,
       "exit_counts": counts.tolist(), "reaching_stage": reaching.tolist(),
       "accuracy": float(100.0 * np.mean(checked.predictions == data.test_labels)),
       "expected_cost": expected_cost, "full_cost": exit_costs[-1],
+      "cost_budget": cost_budget, "budget_ms": budget_ms,
+      "predicted_ms_per_image": predicted_ms,
+      "realised_ms_per_image": 1e3 * result.seconds / n,
+      "full_network_ms_per_image": 1e3 * t_full / n,
       "early_exit_images_per_s": n / result.seconds,
       "full_network_images_per_s": n / t_full,
       "last_exit_images_per_s": n / t_last,
@@ -289,6 +333,8 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
       "time_ideal_over_predicted": time_ideal / predicted,
       "stage_ms_per_image": [1e3 * t for t in per_image],
       "stage_seconds": {str(k): {str(b): t for b, t in times.items()} for k, times in stage_seconds.items()},
+      "stage_times": stage_times.to_json(),
+      "time_fit": time_fit,
       "matches_simulation": bool(np.array_equal(checked.exits, sim_exits)
                                  and np.array_equal(checked.predictions, sim_preds)),
       "simulation": simulation,

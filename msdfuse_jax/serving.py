@@ -6,6 +6,11 @@ flax or the training code:
 
   runner = serving.Runner.from_dir("/srv/msdfuse_p10")
   predictions, exits = runner(images)          # uint8 (N, H, W, C); exits are 1-based
+  runner = runner.measure().with_budget_ms(2)  # re-timed here, refitted for 2 ms per image
+
+An export keeps its stage time table and its validation split's per-exit confidences and correctness, so
+`Runner.with_budget_ms` and `Runner.with_budget_ops` refit its thresholds without the model
+(`msdfuse_jax.timebudget`, numpy only, imported only then).
 
 How a batch runs (the same for the programs compiled in-process by `msdfuse_jax.inference`): images are
 taken a chunk of `pieces` batches at a time. Stage 1 runs on each batch; every program returns, besides its
@@ -26,6 +31,7 @@ survivor index, `jax.device_get` of the confidences and predictions), so a runne
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -105,6 +111,27 @@ class Runner:
     self.manifest: dict | None = None
     self.calls: dict[tuple[int, int], int] = {}  # (stage, bucket size) -> number of calls so far
 
+  # Time budgets (`with_budget_ms`, `measure`): how the runner's thresholds were chosen, and the export
+  # directory whose stored validation data a refit reads. Class attributes, so that a runner built without
+  # them has none.
+  budget: dict | None = None
+  source_dir: str | None = None
+  _stage_times: Any = None
+  _stage_times_record: dict | None = None  # the manifest's, read into `stage_times` when first asked for
+
+  @property
+  def stage_times(self) -> Any:
+    """The stage time table the thresholds are fitted to (a `msdfuse_jax.timebudget.StageTimes`), or None:
+    an export's (measured when it was written) until `measure` re-times the stages here."""
+    if self._stage_times is None and self._stage_times_record:
+      from msdfuse_jax import timebudget  # pylint: disable=import-outside-toplevel  (numpy only)
+      self._stage_times = timebudget.StageTimes.from_json(self._stage_times_record)
+    return self._stage_times
+
+  @stage_times.setter
+  def stage_times(self, table: Any) -> None:
+    self._stage_times, self._stage_times_record = table, None
+
   @classmethod
   def from_dir(cls, path: str) -> "Runner":
     """Loads an export directory written by ``msdfuse-export`` (its thresholds, buckets and programs)."""
@@ -118,6 +145,10 @@ class Runner:
     runner = cls(programs, manifest["num_exits"], manifest["batch_size"], manifest["buckets"],
                  manifest["pieces"], manifest["thresholds"], manifest["image_shape"])
     runner.manifest = manifest
+    runner.source_dir = path
+    runner._stage_times_record = manifest.get("stage_times")  # pylint: disable=protected-access
+    runner.budget = {**{key: manifest.get(key) for key in ("p", "cost_budget", "budget_ms")},
+                     "num_images": (manifest.get("time_fit") or {}).get("num_images")}
     return runner
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -273,6 +304,107 @@ class Runner:
         times[k][bucket] = best
       states = next_states
     return times
+
+  # Time budgets. The fit is `msdfuse_jax.timebudget`'s (numpy only), imported when a budget is refitted, so
+  # that a runner that classifies at its export's thresholds loads jax and numpy alone.
+
+  def measure(self, example_images: np.ndarray | None = None, repeats: int = 3) -> "Runner":
+    """Re-times every stage on this machine (`stage_seconds`) and keeps the table (`stage_times`); a runner
+    whose thresholds were fitted to a time budget is refitted to the new times. Returns the runner.
+
+    Args:
+      example_images: uint8 images the stages are timed on (default: random pixels of the export's shape).
+      repeats: timed calls per program; the best is kept.
+    """
+    self.stage_times = self.time_table(example_images, repeats)
+    if self.budget and self.budget.get("budget_ms") is not None:
+      refitted = self.with_budget_ms(self.budget["budget_ms"], self.budget.get("num_images"))
+      self.thresholds, self.budget = refitted.thresholds, refitted.budget
+    return self
+
+  def time_table(self, example_images: np.ndarray | None = None, repeats: int = 3) -> Any:
+    """`stage_seconds` after a warm-up, as a `msdfuse_jax.timebudget.StageTimes` with the device, batch
+    size, buckets and precision (the runner is left as it is; `measure` keeps the table and refits)."""
+    from msdfuse_jax import timebudget  # pylint: disable=import-outside-toplevel
+    if example_images is None:
+      if self.image_shape is None:
+        raise ValueError("this runner does not know its image shape: pass example images to time it on")
+      example_images = np.random.default_rng(0).integers(0, 256, (self.batch_size, *self.image_shape),
+                                                          dtype=np.uint8)
+    self.warmup(example_images)
+    seconds = self.stage_seconds(example_images, repeats)
+    if self.manifest is not None:  # the programs' precision was fixed when they were exported
+      precision = self.manifest.get("matmul_precision", {}).get("programs", "default")
+    else:
+      precision = str(jax.config.jax_default_matmul_precision or "default")
+    return timebudget.StageTimes(
+        seconds, self.batch_size, tuple(self.buckets), self.pieces, device=describe_device(),
+        matmul_precision=precision,
+        measured_on="the exported programs" if self.manifest is not None else "the in-process programs")
+
+  def validation(self) -> tuple[np.ndarray, np.ndarray]:
+    """The export's stored validation split: per-exit confidences (K, N) float32 and correctness (K, N)."""
+    from msdfuse_jax import timebudget  # pylint: disable=import-outside-toplevel
+    if self.source_dir is None:
+      raise ExportError("this runner was not loaded from an export directory: it has no stored validation "
+                        "data to refit from")
+    try:
+      return timebudget.load_validation(self.source_dir)
+    except FileNotFoundError as e:
+      raise ExportError(str(e)) from None
+
+  def with_budget_ms(self, budget_ms: float, num_images: int | None = None) -> "Runner":
+    """A runner (the same programs) whose thresholds are refitted on the stored validation data so that the
+    predicted mean time per image on `stage_times`' machine is at most `budget_ms` milliseconds
+    (`msdfuse_jax.timebudget.fit_time_budget`; its choice is in the new runner's `budget`).
+
+    Args:
+      budget_ms: milliseconds per image.
+      num_images: images per run the prediction is for (default: one full chunk).
+    """
+    from msdfuse_jax import timebudget  # pylint: disable=import-outside-toplevel
+    if self.stage_times is None:
+      raise ExportError("this runner has no stage time table (an export of an older version): call "
+                        "measure() first")
+    conf, correct = self.validation()
+    fit = timebudget.fit_time_budget(conf, correct, self.stage_times, budget_ms, num_images)
+    return self._refitted(fit["thresholds"], {k: v for k, v in fit.items() if k != "thresholds"})
+
+  def with_budget_ops(self, budget_ops: float) -> "Runner":
+    """A runner (the same programs) whose thresholds are refitted on the stored validation data for an
+    average literature cost per image of at most `budget_ops` (op_counter units), as ``--budget`` fits
+    them."""
+    from msdfuse_jax import timebudget  # pylint: disable=import-outside-toplevel
+    if self.manifest is None or "exit_costs" not in self.manifest:
+      raise ExportError("this runner's manifest has no per-exit costs to fit an ops budget to")
+    conf, _ = self.validation()
+    fit = timebudget.fit_ops_budget(conf, self.manifest["exit_costs"], budget_ops)
+    record = {"p": fit["p"], "cost_budget": float(budget_ops), "budget_ms": None,
+              "expected_val_cost": fit["expected_val_cost"]}
+    return self._refitted(fit["thresholds"], record)
+
+  def _refitted(self, thresholds: np.ndarray, fit: dict) -> "Runner":
+    runner = copy.copy(self)  # the programs are shared; thresholds, budget and call counts are its own
+    runner.thresholds = self._check_thresholds(thresholds)
+    runner.budget = fit
+    runner.calls = {}
+    return runner
+
+
+def describe_device() -> str:
+  """The device the programs run on, for a stage time table: platform and kind, and on a CPU its model and
+  core count (what the times depend on)."""
+  device = jax.devices()[0]
+  name = f"{device.platform} {device.device_kind}"
+  if device.platform == "cpu":
+    model = None
+    try:
+      with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+      pass
+    name = f"cpu ({model + ', ' if model else ''}{os.cpu_count()} cores)"
+  return name
 
 
 def read_manifest(path: str) -> dict:

@@ -40,7 +40,7 @@ ALWAYS_EXIT = np.float32(-1e8)  # threshold of the last stage: everybody left ex
 __all__ = [
     "NUM_BUDGET_POINTS", "NEVER_EXIT", "ALWAYS_EXIT", "validate_probs", "validate_labels",
     "exit_prior", "exit_quotas", "fit_thresholds", "apply_thresholds", "dynamic_evaluation",
-    "thresholds_for_budget",
+    "thresholds_for_budget", "fit_from_confidence", "exits_from_confidence", "p_for_budget_from_confidence",
 ]
 
 
@@ -337,9 +337,26 @@ def thresholds_for_budget(val_probs: Any, costs: Sequence[float], budget: float)
     ValueError: on bad shapes, or when every p costs more than `budget` on validation
       (the message gives the cheapest achievable cost).
   """
-  val = validate_probs(val_probs, "val_probs")
-  cost_vec = _check_costs(costs, val.shape[0])
-  conf, _ = _confidences(val)
+  conf, _ = _confidences(validate_probs(val_probs, "val_probs"))
+  return p_for_budget_from_confidence(conf, costs, budget)
+
+
+def fit_from_confidence(conf: Any, p: int) -> np.ndarray:
+  """`fit_thresholds` from the per-exit confidences (max softmax, (K, N) float32) alone: what an export
+  keeps of its validation split to refit without the model (`msdfuse_jax.timebudget`)."""
+  return _fit_from_confidence(np.asarray(conf, np.float32), _check_p(p))
+
+
+def exits_from_confidence(conf: Any, thresholds: Any) -> np.ndarray:
+  """The 0-based exit of every sample, from (K, N) confidences: `apply_thresholds` without predictions."""
+  conf = np.asarray(conf, np.float32)
+  return _exit_index(conf, _check_thresholds(thresholds, conf.shape[0]))
+
+
+def p_for_budget_from_confidence(conf: Any, costs: Sequence[float], budget: float) -> int:
+  """`thresholds_for_budget` from the (K, N) validation confidences alone (same choice, same errors)."""
+  conf = np.asarray(conf, np.float32)
+  cost_vec = _check_costs(costs, conf.shape[0])
   num_exits, num_samples = conf.shape
   best_p, best_cost = None, -math.inf
   cheapest = math.inf

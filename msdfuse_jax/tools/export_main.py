@@ -2,11 +2,13 @@
 
   msdfuse-export --workdir=DIR --p=P --out=EXPORT            # P in 1..39, the budgeted curve's points
   msdfuse-export --workdir=DIR --budget=COST --out=EXPORT    # the largest validation budget <= COST
+  msdfuse-export --workdir=DIR --budget_ms=T --out=EXPORT     # the largest predicted time <= T ms per image
   msdfuse-export ... --batch_size=256 --platforms=cpu,cuda,tpu
 
 Writes one `jax.export` program (StableHLO) per stage and bucket size, with BatchNorm folded into the
 convolutions and the weights inside, and ``manifest.json`` (model, dataset, exits, buckets, per-exit cost,
-the thresholds fitted on the validation split, commit and config). Load it with
+the thresholds fitted on the validation split, commit and config, the stage time table measured here),
+and ``validation.npz`` (the validation split's per-exit confidences and correctness, for refits). Load it with
 ``msdfuse_jax.serving.Runner.from_dir(EXPORT)`` (jax and numpy only) or time it with
 ``msdfuse-infer --workdir=DIR --export=EXPORT``.
 """
@@ -42,7 +44,7 @@ def main(argv) -> None:
   flags_util.enable_compilation_cache()
   try:
     manifest = exporting.export_run(FLAGS.workdir, FLAGS.out, FLAGS.p, FLAGS.budget, FLAGS.batch_size,
-                                    FLAGS.num_buckets, platforms=FLAGS.platforms)
+                                    FLAGS.num_buckets, platforms=FLAGS.platforms, budget_ms=FLAGS.budget_ms)
   except (FileNotFoundError, ValueError, checkpoints.CheckpointError, sources.DataError) as e:
     flags_util.fail(str(e))
   size = sum(os.path.getsize(os.path.join(FLAGS.out, f)) for f in manifest["sha256"])
@@ -52,6 +54,10 @@ def main(argv) -> None:
         f"(largest logit change {manifest['batch_norm']['max_logit_change']:.2g})")
   print(f"thresholds {', '.join(f'{t:.4f}' for t in manifest['thresholds'][:-1])}; expected validation cost "
         f"{manifest['expected_val_cost']:,.0f} of {manifest['exit_costs'][-1]:,}")
+  if manifest.get("time_fit"):
+    print(f"time budget {manifest['budget_ms']:g} ms per image: p={manifest['p']} predicted at "
+          f"{manifest['time_fit']['predicted_ms_per_image']:.4g} ms per image on "
+          f"{manifest['stage_times']['device']}")
   print(f"wrote {FLAGS.out}")
 
 

@@ -211,28 +211,37 @@ def quiet_library_logs() -> None:
       handler.addFilter(_ProjectLogFilter())
 
 
-def define_budget_flags() -> None:
-  """--workdir, --p, --budget and --batch_size: the flags of the tools that classify a run's test set under
-  one budget (msdfuse-infer, msdfuse-export)."""
+def define_budget_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """--workdir, --p, --budget, --budget_ms and --batch_size: the flags of the tools that classify a run's
+  test set under one budget (msdfuse-infer, msdfuse-export)."""
   from msdfuse_jax.evaluation import budget  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
+  flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).",
+                      flag_values=flag_values)
   flags.DEFINE_integer("p", None, f"Budget point p in 1..{budget.NUM_BUDGET_POINTS} (q = p/20), as in the "
-                       "budgeted curve.")
-  flags.DEFINE_float("budget", None, "Average cost per image (literature op_counter units), instead of --p.")
-  flags.DEFINE_integer("batch_size", 256, "Images per batch (the largest bucket).")
+                       "budgeted curve.", flag_values=flag_values)
+  flags.DEFINE_float("budget", None, "Average cost per image (literature op_counter units), instead of --p.",
+                     flag_values=flag_values)
+  flags.DEFINE_float("budget_ms", None, "Predicted mean milliseconds per image on this machine, instead of "
+                     "--p: thresholds fitted to the stages' measured times (msdfuse_jax.timebudget).",
+                     flag_values=flag_values)
+  flags.DEFINE_integer("batch_size", 256, "Images per batch (the largest bucket).", flag_values=flag_values)
 
 
-def check_budget_flags(budget_required: bool = True) -> None:
+def check_budget_flags(budget_required: bool = True, values: flags.FlagValues | None = None) -> None:
   """One-line errors for the flags of `define_budget_flags`: --workdir is required, and exactly one of --p
-  (in range) and --budget when `budget_required`, neither otherwise."""
+  (in range), --budget and --budget_ms (positive) when `budget_required`, at most one otherwise."""
   from msdfuse_jax.evaluation import budget  # pylint: disable=import-outside-toplevel
-  values = flags.FLAGS
+  values = flags.FLAGS if values is None else values
   if not values.workdir:
     fail("--workdir is required: the directory of a training run")
-  if budget_required and (values.p is None) == (values.budget is None):
-    fail(f"give exactly one of --p (1..{budget.NUM_BUDGET_POINTS}) or --budget (average cost per image)")
+  given = sum(value is not None for value in (values.p, values.budget, values.budget_ms))
+  if given > 1 or (budget_required and not given):
+    fail(f"give exactly one of --p (1..{budget.NUM_BUDGET_POINTS}), --budget (average cost per image) or "
+         "--budget_ms (milliseconds per image)")
   if values.p is not None and not 1 <= values.p <= budget.NUM_BUDGET_POINTS:
     fail(f"--p must lie in 1..{budget.NUM_BUDGET_POINTS}, got {values.p}")
+  if values.budget_ms is not None and not values.budget_ms > 0:
+    fail(f"--budget_ms must be positive (milliseconds per image), got {values.budget_ms:g}")
   if values.batch_size < 1:
     fail(f"--batch_size must be positive, got {values.batch_size}")
 

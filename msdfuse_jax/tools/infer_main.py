@@ -2,8 +2,10 @@
 
   msdfuse-infer --workdir=DIR --p=P          # P in 1..39 (budget.NUM_BUDGET_POINTS), the curve's points
   msdfuse-infer --workdir=DIR --budget=COST  # the largest validation budget <= COST (op_counter units)
+  msdfuse-infer --workdir=DIR --budget_ms=T  # the largest predicted time <= T ms per image, on this machine
 
   msdfuse-infer --workdir=DIR --export=EXPORT  # the programs of msdfuse-export, through msdfuse_jax.serving
+  msdfuse-infer --workdir=DIR --export=EXPORT --budget_ms=T   # refitted to T on this machine's times
 
 Thresholds are fitted on the run's validation split exactly as in `msdfuse-eval`. The test set is then
 classified stage by stage, each stage run only on the samples still undecided
@@ -12,7 +14,9 @@ last exit alone; the realised speedup against the speedup the cost ratio predict
 predictions and exits equal the simulated budgeted evaluation's; each stage's time alone and the
 time-ideal speedup (the full network's time over the survivor-weighted sum of the stages' times), with
 the runner's overhead (realised / time-ideal) and the architecture's CPU penalty (time-ideal /
-predicted). Writes ``DIR/eval/infer.json``.
+predicted). With --budget_ms the stages are timed first and the thresholds fitted to those times
+(`msdfuse_jax.timebudget`); the predicted and the realised ms per image are reported for every budget.
+Writes ``DIR/eval/infer.json``.
 """
 
 from __future__ import annotations
@@ -28,24 +32,33 @@ from msdfuse_jax.tools import flags_util
 flags_util.define_budget_flags()
 flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
 flags.DEFINE_string("export", None, "Run the programs of this export directory (msdfuse-export) with the "
-                    "model-free runtime msdfuse_jax.serving; its budget and batch size are the export's.")
+                    "model-free runtime msdfuse_jax.serving; its budget and batch size are the export's "
+                    "(or, with --budget_ms, refitted on its stored validation data to this machine's times).")
 FLAGS = flags.FLAGS
 
 
 def main(argv) -> None:
   del argv
   if FLAGS.export is not None and (FLAGS.p is not None or FLAGS.budget is not None):
-    flags_util.fail("--export runs the export's own budget: leave out --p and --budget")
+    flags_util.fail("--export runs the export's own budget (or --budget_ms, refitted): leave out --p and "
+                    "--budget")
   flags_util.check_budget_flags(budget_required=FLAGS.export is None)
   flags_util.enable_compilation_cache()
   try:
     out = inference.run_inference(FLAGS.workdir, FLAGS.p, FLAGS.budget,
-                                  None if FLAGS.export else FLAGS.batch_size, FLAGS.repeats, FLAGS.export)
+                                  None if FLAGS.export else FLAGS.batch_size, FLAGS.repeats, FLAGS.export,
+                                  budget_ms=FLAGS.budget_ms)
   except (FileNotFoundError, ValueError, checkpoints.CheckpointError, sources.DataError) as e:
     flags_util.fail(str(e))
   path = rundir.write_json(os.path.join(rundir.eval_dir(FLAGS.workdir), rundir.INFER_FILE), out)
   print(f"p={out['p']}: {out['num_images']} test images, exits per stage {out['exit_counts']}, "
         f"accuracy {out['accuracy']:.2f} %")
+  if out["time_fit"] is not None:
+    print(f"time budget {out['budget_ms']:g} ms per image: p={out['p']} predicted at "
+          f"{out['predicted_ms_per_image']:.4g} ms per image ({out['time_fit']['criterion']} among "
+          f"{out['time_fit']['family']}); stages timed on {out['stage_times']['device']}")
+  print(f"ms per image: predicted {out['predicted_ms_per_image']:.4g}, realised "
+        f"{out['realised_ms_per_image']:.4g} (full network {out['full_network_ms_per_image']:.4g})")
   print(f"expected cost {out['expected_cost']:,.0f} of {out['full_cost']:,} (predicted speedup "
         f"{out['predicted_speedup']:.2f}x)")
   print(f"images/s: early exit {out['early_exit_images_per_s']:.1f}, full network "

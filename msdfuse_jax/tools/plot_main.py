@@ -8,6 +8,13 @@ Usage::
 Each RUN_DIR must hold ``eval/anytime.json`` and ``eval/budgeted.json`` (written by
 ``msdfuse-eval --workdir=RUN_DIR``). The figure has the anytime curves on the left and the
 budgeted batch classification curves on the right, costs in units of 1e8.
+
+  msdfuse-plot --time points/ RUN_DIR/eval/infer.json ... --out figures/time.png
+
+draws instead the budgeted accuracy against the *realised* time per image of ``msdfuse-infer`` runs (their
+``infer.json`` files, or folders of them), one line per model and kind of fit: thresholds fitted to a time
+budget (``--budget_ms``), to an ops budget (``--budget``), or a plain budget point (``--p``)
+(`msdfuse_jax.evaluation.time_report`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from msdfuse_jax.evaluation import report
+from msdfuse_jax.evaluation import report, time_report
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -24,8 +31,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="msdfuse-plot",
       description="Overlay the anytime and budgeted curves of evaluated runs.")
-  parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+  parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
                       help="run directories evaluated by msdfuse-eval (each has eval/*.json)")
+  parser.add_argument("--time", nargs="+", metavar="INFER_JSON", default=None,
+                      help="infer.json files of msdfuse-infer runs (or folders of them): accuracy against "
+                           "realised ms per image, time-fitted against ops-fitted thresholds")
   parser.add_argument("--reference", metavar="FILE", default=None,
                       help='JSON of published points: {"anytime": {name: [[cost, acc], ...]}, '
                            '"budgeted": {...}}, drawn as dashed lines')
@@ -43,8 +53,15 @@ def run(argv: Sequence[str] | None = None) -> int:
     0 on success, 1 when an input file is missing or malformed (the message says which).
   """
   args = parse_args(argv)
+  if bool(args.run_dirs) == bool(args.time):
+    print("msdfuse-plot: error: give run directories (anytime and budgeted curves) or --time INFER_JSON... "
+          "(accuracy against realised time), not both", file=sys.stderr)
+    return 2
   try:
-    out = report.plot_runs(args.run_dirs, args.out, reference=args.reference)
+    if args.time:
+      out = time_report.plot_time(args.time, args.out)
+    else:
+      out = report.plot_runs(args.run_dirs, args.out, reference=args.reference)
   except (FileNotFoundError, ValueError) as e:
     # A missing eval file is a user error with a known fix; a traceback would hide it.
     print(f"msdfuse-plot: error: {e}", file=sys.stderr)
