@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msdfuse_jax import costs, folding, models, serving
+from msdfuse_jax import costs, deadlines, folding, models, serving
 from msdfuse_jax.data import augment, sources
 from msdfuse_jax.evaluation import budget, evaluate, predict
 
@@ -197,7 +197,8 @@ def check_export_matches(manifest: dict, config: Any, export_dir: str) -> None:
 
 
 def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_size: int,
-                  repeats: int, export_dir: str | None = None) -> dict:
+                  repeats: int, export_dir: str | None = None, *, deadline_ms: float | None = None,
+                  deadline_sweep: int = 8) -> dict:
   """`msdfuse-infer`'s work: fits thresholds, runs early exit and the baselines, checks the simulation,
   and times every stage alone.
 
@@ -210,14 +211,22 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
     export_dir: run the exported programs of this directory (`msdfuse-export`) with `serving.Runner`
       instead of the in-process model; its thresholds, batch size and buckets are then the export's
       (`p`, `cost_budget` and `batch_size` must be None).
+    deadline_ms: also classify the test set under this deadline per chunk (`serving.Runner.run`'s anytime
+      mode), then sweep deadlines (`deadlines.report`); the stage times predicted are the runner's
+      `stage_times`, set to the table timed here unless the runner has one.
+    deadline_sweep: how many deadlines the sweep runs (0: none).
 
   Returns:
     The figures written to ``WORKDIR/eval/infer.json``. ``matches_simulation`` compares the runner's
     predictions and exits with ``simulation``'s (in process: the model's full forward passes, both at
     `SIMULATION_PRECISION`; with an export: its own programs run on every image, at their precision);
     ``matmul_precision`` says at what precision the timings, that check and the thresholds were taken.
-    Every transfer between host and device is explicit (it runs under ``JAX_TRANSFER_GUARD=disallow``).
+    With `deadline_ms`, also the keys of `deadlines.report` (``deadline_ms``, ``deadline_met_fraction``,
+    ``worst_overshoot_ms``, ``deadline_sweep``, ...). Every transfer between host and device is explicit
+    (it runs under ``JAX_TRANSFER_GUARD=disallow``).
   """
+  if deadline_ms is not None:
+    serving.check_deadline_ms(deadline_ms)  # a one-line error before any work
   if export_dir is not None:
     manifest = serving.read_manifest(export_dir)
     config, model, variables, step, data = evaluate.load_run(workdir, dtype="float32")
@@ -261,6 +270,13 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
     t_full = time_batches(every_exit, variables, test_images, batch_size, repeats)
     t_last = time_batches(last_exit, variables, test_images, batch_size, repeats)
     stage_seconds = runner.stage_seconds(test_images, repeats)
+    deadline = {}
+    if deadline_ms is not None:
+      source = "the runner's own table"  # e.g. one stored with an export
+      if runner.stage_times is None:  # the table just timed is what the deadlines predict from
+        runner.stage_times, source = stage_seconds, "timed in this run (Runner.stage_seconds)"
+      deadline = {**deadlines.report(runner, test_images, data.test_labels, thresholds, deadline_ms,
+                                     deadline_sweep), "deadline_stage_times": source}
 
   n = len(test_images)
   counts = np.bincount(checked.exits - 1, minlength=model.num_exits)
@@ -295,4 +311,5 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
       # At what jax.default_matmul_precision the figures were taken ("default": the backend's own).
       "matmul_precision": {"timings": timing_precision, "matches_simulation": check_precision,
                            "thresholds": SIMULATION_PRECISION},
+      **deadline,
   }

@@ -386,10 +386,16 @@ def test_export_and_infer_on_a_trained_run(run_dir, tmp_path):
     np.testing.assert_array_equal(result.exits, reference.exits)
     np.testing.assert_array_equal(result.predictions, reference.predictions)
 
+  # With a deadline far above the whole network's time (the anytime run then equals the plain one).
   done = _cli("msdfuse_jax.tools.infer_main", f"--workdir={run_dir}", f"--export={out}", "--repeats=1",
-              env=NO_IMPLICIT_TRANSFERS)
+              "--deadline_ms=1e9", "--deadline_sweep=2", env=NO_IMPLICIT_TRANSFERS)
   assert done.returncode == 0, done.stderr[-3000:]
   infer = json.loads((run_dir / "eval" / "infer.json").read_text())
+  assert infer["deadline_ms"] == 1e9 and infer["deadline_met_fraction"] == 1.0
+  assert infer["worst_overshoot_ms"] == 0.0 and infer["deadline_exit_counts"] == infer["exit_counts"]
+  assert infer["deadline_accuracy"] == infer["accuracy"] and len(infer["deadline_sweep"]) == 2
+  assert (run_dir / "eval" / "anytime_deadline.png").stat().st_size > 0
+  assert "100.0 % of chunks within it, worst overshoot 0.000 ms" in done.stdout
   assert infer["runner"] == "export" and infer["matches_simulation"] is True and infer["p"] == 8
   # The export's programs are checked against themselves run on every image (like with like).
   assert infer["simulation"] == "the export's programs, every stage on every image"
