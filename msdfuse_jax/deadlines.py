@@ -47,11 +47,12 @@ def summary(result: serving.EarlyExitResult, labels: np.ndarray, num_exits: int)
   }
 
 
-def sweep_range_ms(stage_times: dict[int, dict[int, float]], batch_size: int) -> tuple[float, float]:
-  """(the first stage's time, the full network's) for one full chunk, in ms, from a stage time table:
-  stage 1 alone, and every stage one after the other (every image passed on)."""
-  first = stage_times[1][batch_size]
-  return 1e3 * first, 1e3 * sum(times[batch_size] for times in stage_times.values())
+def sweep_range_ms(runner: serving.Runner) -> tuple[float, float]:
+  """(the first stage's time, the full network's) on one full chunk, in ms, as the runner predicts them
+  (`serving.Runner.predicted_seconds`: its table, raised to what it has seen the stages take): stage 1
+  alone, and every stage one after the other with every image passed on."""
+  times = [runner.predicted_seconds(k, runner.batch_size) for k in range(1, runner.num_exits + 1)]
+  return 1e3 * times[0], 1e3 * sum(times)
 
 
 def sweep(runner: serving.Runner, images: np.ndarray, labels: np.ndarray, thresholds: Sequence[float],
@@ -81,7 +82,7 @@ def report(runner: serving.Runner, images: np.ndarray, labels: np.ndarray, thres
   """
   result = runner.run(images, thresholds, deadline_ms=deadline_ms)
   figures = summary(result, labels, runner.num_exits)
-  lo, hi = sweep_range_ms(runner.stage_times, runner.batch_size)
+  lo, hi = sweep_range_ms(runner)  # after the run: with what it saw stage 1 take
   points = sweep(runner, images, labels, thresholds, np.linspace(lo, hi, sweep_points) if sweep_points else [])
   return {
       "deadline_ms": figures["deadline_ms"],

@@ -57,9 +57,13 @@ def test_summary_known_answers():
   assert deadlines.summary(result, np.zeros(5), 3)["worst_overshoot_ms"] == 0.0
 
 
-def test_sweep_range_is_the_first_stage_to_the_whole_network():
-  table = {1: {4: 0.002, 2: 0.001}, 2: {4: 0.003, 2: 0.002}, 3: {4: 0.001, 2: 0.0005}}
-  assert deadlines.sweep_range_ms(table, 4) == pytest.approx((2.0, 6.0))
+def test_sweep_range_is_the_first_stage_to_the_whole_network_as_predicted():
+  runner = _fake_runner()
+  runner.stage_times = {1: {4: 0.002, 2: 0.001}, 2: {4: 0.003, 2: 0.002}, 3: {4: 0.001, 2: 0.0005}}
+  assert deadlines.sweep_range_ms(runner) == pytest.approx((2.0, 6.0))
+  # Stage 1 seen taking 2 to 4 ms at bucket 4: its prediction is their 0.95 quantile, 3.9 ms.
+  runner.observed[(1, 4)] = [0.002, 0.003, 0.004]
+  assert deadlines.sweep_range_ms(runner) == pytest.approx((3.9, 7.9))
 
 
 def test_report_sweeps_and_cuts_where_the_table_says():
