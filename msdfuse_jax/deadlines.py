@@ -32,8 +32,8 @@ def summary(result: serving.EarlyExitResult, labels: np.ndarray, num_exits: int)
   Returns:
     ``deadline_ms``; ``met_fraction``, the fraction of chunks that finished within D;
     ``worst_overshoot_ms``, the largest time over D of any chunk (0.0 when every chunk met it);
-    ``accuracy`` (%); ``exit_counts`` (images per exit); ``chunk_stages`` (chunks per number of stages
-    run, 1..K); ``median_chunk_ms``.
+    ``accuracy`` (%); ``exit_counts`` (images per exit); ``stages_run_counts`` (chunks per number of
+    stages run, 1..K); ``median_chunk_ms``.
   """
   overshoot = result.overshoot_ms
   return {
@@ -42,7 +42,7 @@ def summary(result: serving.EarlyExitResult, labels: np.ndarray, num_exits: int)
       "worst_overshoot_ms": max(0.0, float(np.max(overshoot))),
       "accuracy": float(100.0 * np.mean(result.predictions == np.asarray(labels))),
       "exit_counts": np.bincount(result.exits - 1, minlength=num_exits).tolist(),
-      "chunk_stages": np.bincount(result.chunk_stages - 1, minlength=num_exits).tolist(),
+      "stages_run_counts": np.bincount(result.chunk_stages - 1, minlength=num_exits).tolist(),
       "median_chunk_ms": float(1e3 * np.median(result.chunk_seconds)),
   }
 
@@ -76,23 +76,26 @@ def report(runner: serving.Runner, images: np.ndarray, labels: np.ndarray, thres
 
   Returns:
     ``deadline_ms``, ``deadline_met_fraction``, ``worst_overshoot_ms``, ``deadline_accuracy``,
-    ``deadline_exit_counts``, ``deadline_chunk_stages``, ``deadline_chunk_size`` (images per chunk),
-    ``deadline_chunk_ms`` (each chunk's time), ``deadline_sweep`` (a `summary` per deadline),
-    ``deadline_sweep_range_ms`` and ``deadline_sweep_min_met_fraction`` (None without a sweep).
+    ``deadline_exit_counts``, ``deadline_stages_run_counts``, ``deadline_chunk_size`` (images per chunk),
+    ``deadline_chunk_ms`` and ``deadline_chunk_stages`` (each chunk's time and stages run),
+    ``deadline_sweep`` (a `summary` per deadline), ``deadline_sweep_range_ms`` and
+    ``deadline_sweep_min_met_fraction`` (None without a sweep).
   """
   result = runner.run(images, thresholds, deadline_ms=deadline_ms)
   figures = summary(result, labels, runner.num_exits)
   lo, hi = sweep_range_ms(runner)  # after the run: with what it saw stage 1 take
-  points = sweep(runner, images, labels, thresholds, np.linspace(lo, hi, sweep_points) if sweep_points else [])
+  deadlines_ms = np.linspace(lo, hi, sweep_points) if sweep_points else []
+  points = sweep(runner, images, labels, thresholds, deadlines_ms)
   return {
       "deadline_ms": figures["deadline_ms"],
       "deadline_met_fraction": figures["met_fraction"],
       "worst_overshoot_ms": figures["worst_overshoot_ms"],
       "deadline_accuracy": figures["accuracy"],
       "deadline_exit_counts": figures["exit_counts"],
-      "deadline_chunk_stages": figures["chunk_stages"],
+      "deadline_stages_run_counts": figures["stages_run_counts"],
       "deadline_chunk_size": result.chunk_size,
       "deadline_chunk_ms": [1e3 * t for t in result.chunk_seconds],
+      "deadline_chunk_stages": result.chunk_stages.tolist(),
       "deadline_sweep": points,
       "deadline_sweep_range_ms": [lo, hi],
       "deadline_sweep_min_met_fraction": min((p["met_fraction"] for p in points), default=None),
