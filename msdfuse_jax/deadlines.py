@@ -33,7 +33,8 @@ def summary(result: serving.EarlyExitResult, labels: np.ndarray, num_exits: int)
     ``deadline_ms``; ``met_fraction``, the fraction of chunks that finished within D;
     ``worst_overshoot_ms``, the largest time over D of any chunk (0.0 when every chunk met it);
     ``accuracy`` (%); ``exit_counts`` (images per exit); ``stages_run_counts`` (chunks per number of
-    stages run, 1..K); ``median_chunk_ms``.
+    stages run, 1..K) and ``misses_by_stages_run`` (of those, how many overshot: a miss with 1 stage run
+    is stage 1 alone taking longer than D, which no decision can avoid); ``median_chunk_ms``.
   """
   overshoot = result.overshoot_ms
   return {
@@ -43,6 +44,8 @@ def summary(result: serving.EarlyExitResult, labels: np.ndarray, num_exits: int)
       "accuracy": float(100.0 * np.mean(result.predictions == np.asarray(labels))),
       "exit_counts": np.bincount(result.exits - 1, minlength=num_exits).tolist(),
       "stages_run_counts": np.bincount(result.chunk_stages - 1, minlength=num_exits).tolist(),
+      "misses_by_stages_run": np.bincount(result.chunk_stages[~result.deadline_met] - 1,
+                                          minlength=num_exits).tolist(),
       "median_chunk_ms": float(1e3 * np.median(result.chunk_seconds)),
   }
 
@@ -76,7 +79,8 @@ def report(runner: serving.Runner, images: np.ndarray, labels: np.ndarray, thres
 
   Returns:
     ``deadline_ms``, ``deadline_met_fraction``, ``worst_overshoot_ms``, ``deadline_accuracy``,
-    ``deadline_exit_counts``, ``deadline_stages_run_counts``, ``deadline_chunk_size`` (images per chunk),
+    ``deadline_exit_counts``, ``deadline_stages_run_counts``, ``deadline_misses_by_stages_run``,
+    ``deadline_chunk_size`` (images per chunk),
     ``deadline_chunk_ms`` and ``deadline_chunk_stages`` (each chunk's time and stages run),
     ``deadline_sweep`` (a `summary` per deadline), ``deadline_sweep_range_ms`` and
     ``deadline_sweep_min_met_fraction`` (None without a sweep).
@@ -93,6 +97,7 @@ def report(runner: serving.Runner, images: np.ndarray, labels: np.ndarray, thres
       "deadline_accuracy": figures["accuracy"],
       "deadline_exit_counts": figures["exit_counts"],
       "deadline_stages_run_counts": figures["stages_run_counts"],
+      "deadline_misses_by_stages_run": figures["misses_by_stages_run"],
       "deadline_chunk_size": result.chunk_size,
       "deadline_chunk_ms": [1e3 * t for t in result.chunk_seconds],
       "deadline_chunk_stages": result.chunk_stages.tolist(),

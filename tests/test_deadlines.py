@@ -52,7 +52,8 @@ def test_summary_known_answers():
   np.testing.assert_allclose(result.overshoot_ms, [-10.0, 5.0, -16.0])
   assert deadlines.summary(result, np.array([1, 0, 3, 0, 5]), 3) == pytest.approx({
       "deadline_ms": 20.0, "met_fraction": 2 / 3, "worst_overshoot_ms": 5.0, "accuracy": 60.0,
-      "exit_counts": [2, 2, 1], "stages_run_counts": [1, 1, 1], "median_chunk_ms": 10.0})
+      "exit_counts": [2, 2, 1], "stages_run_counts": [1, 1, 1], "misses_by_stages_run": [0, 0, 1],
+      "median_chunk_ms": 10.0})
   result.deadline_ms = 30.0  # every chunk within it: no overshoot
   assert deadlines.summary(result, np.zeros(5), 3)["worst_overshoot_ms"] == 0.0
 
@@ -81,6 +82,7 @@ def test_report_sweeps_and_cuts_where_the_table_says():
   assert out["deadline_exit_counts"] == [0, 3, 7] and out["deadline_accuracy"] == 30.0
   assert out["deadline_chunk_size"] == BATCH and len(out["deadline_chunk_ms"]) == 3
   assert out["deadline_stages_run_counts"] == [0, 1, 2] and out["deadline_chunk_stages"] == [3, 3, 2]
+  assert out["deadline_misses_by_stages_run"] == [0, 0, 0]
   sweep = out["deadline_sweep"]
   assert [p["deadline_ms"] for p in sweep] == [1e3, 4.5e3, 8e3]
   assert [p["exit_counts"] for p in sweep] == [[10, 0, 0], [0, 10, 0], [0, 3, 7]]
