@@ -156,9 +156,9 @@ class Runner:
     self.image_shape = None if image_shape is None else tuple(image_shape)
     self.manifest: dict | None = None
     self.calls: dict[tuple[int, int], int] = {}  # (stage, bucket size) -> number of calls so far
-    # What deadlines predict from: stage -> bucket size -> seconds per call. None until a deadline run
-    # measures it (`stage_seconds`, then cached here); a table stored with an export can be set here
-    # instead, and is then used as it is.
+    # What deadlines predict from: stage -> bucket size -> seconds per call (int keys; a stage may give
+    # its batch size's time only). None until a deadline run measures it (`stage_seconds`, then cached
+    # here); a table stored with an export can be set here instead, and is then used as it is.
     self.stage_times: dict[int, dict[int, float]] | None = None
     # (stage, bucket size) -> the seconds it took in the latest deadline runs, newest last.
     self.observed: dict[tuple[int, int], collections.deque] = {}
@@ -269,8 +269,10 @@ class Runner:
             + (self._stage_estimate(k, self._bucket(rest)) if rest else 0.0))
 
   def _stage_estimate(self, k: int, bucket: int) -> float:
+    times = self.stage_times[k]
+    # A table timed at the batch size only (a smaller bucket never takes longer) serves every bucket.
+    table = times[bucket] if bucket in times else times[self.batch_size]
     seen = self.observed.get((k, bucket))
-    table = self.stage_times[k][bucket]
     return max(table, float(np.quantile(seen, OBSERVED_QUANTILE))) if seen else table
 
   def every_exit(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -65,6 +65,9 @@ def test_sweep_range_is_the_first_stage_to_the_whole_network_as_predicted():
   # Stage 1 seen taking 2 to 4 ms at bucket 4: its prediction is their 0.95 quantile, 3.9 ms.
   runner.observed[(1, 4)] = [0.002, 0.003, 0.004]
   assert deadlines.sweep_range_ms(runner) == pytest.approx((3.9, 7.9))
+  # A table of the batch size's times only serves the smaller bucket too.
+  runner.stage_times[2] = {4: 0.003}
+  assert runner.predicted_seconds(2, 6) == pytest.approx(0.006)
 
 
 def test_report_sweeps_and_cuts_where_the_table_says():
