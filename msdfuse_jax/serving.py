@@ -51,8 +51,8 @@ FORMAT = "msdfuse-export/1"
 # program alone, at its best) and this quantile of the last `OBSERVED_WINDOW` times the runner saw that
 # stage take at that bucket in its deadline runs (dispatch, the program, reading the decisions back): on a
 # shared or busy machine the table alone is optimistic, and the chunks would overshoot.
-OBSERVED_QUANTILE = 0.95
-OBSERVED_WINDOW = 32
+OBSERVED_QUANTILE = 0.99
+OBSERVED_WINDOW = 64
 
 
 class ExportError(ValueError):
