@@ -15,7 +15,7 @@ import pytest
 
 from msdfuse_jax import deadlines, serving
 from msdfuse_jax.evaluation import report
-from tests import conftest
+from tests.conftest import tool_command
 
 BATCH = 4
 
@@ -112,7 +112,7 @@ def test_deadline_figure(tmp_path):
 
 
 def test_infer_refuses_a_non_positive_deadline_in_one_line(tmp_path):
-  command = conftest.tool_command("infer_main", f"--workdir={tmp_path}", "--p=3", "--deadline_ms=0")
+  command = tool_command("infer_main", f"--workdir={tmp_path}", "--p=3", "--deadline_ms=0")
   done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
   assert done.returncode == 2 and "Traceback" not in done.stderr
   assert done.stderr.strip().splitlines()[-1] == ("error: --deadline_ms: the deadline must be a positive "
