@@ -33,7 +33,6 @@ survivor index, `jax.device_get` of the confidences and predictions), so a runne
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
@@ -157,11 +156,12 @@ class Runner:
     self.manifest: dict | None = None
     self.calls: dict[tuple[int, int], int] = {}  # (stage, bucket size) -> number of calls so far
     # What deadlines predict from: stage -> bucket size -> seconds per call (int keys; a stage may give
-    # its batch size's time only). None until a deadline run measures it (`stage_seconds`, then cached
-    # here); a table stored with an export can be set here instead, and is then used as it is.
+    # its batch size's time only), or a table object whose `seconds` is that mapping. None until a deadline
+    # run measures it (`stage_seconds`, then cached here); a table stored with an export can be set here
+    # instead, and is then used as it is.
     self.stage_times: dict[int, dict[int, float]] | None = None
     # (stage, bucket size) -> the seconds it took in the latest deadline runs, newest last.
-    self.observed: dict[tuple[int, int], collections.deque] = {}
+    self.observed: dict[tuple[int, int], list[float]] = {}
 
   @classmethod
   def from_dir(cls, path: str) -> "Runner":
@@ -269,7 +269,7 @@ class Runner:
             + (self._stage_estimate(k, self._bucket(rest)) if rest else 0.0))
 
   def _stage_estimate(self, k: int, bucket: int) -> float:
-    times = self.stage_times[k]
+    times = getattr(self.stage_times, "seconds", self.stage_times)[k]  # a mapping, or a table holding one
     # A table timed at the batch size only (a smaller bucket never takes longer) serves every bucket.
     table = times[bucket] if bucket in times else times[self.batch_size]
     seen = self.observed.get((k, bucket))
@@ -350,9 +350,9 @@ class Runner:
         alive_preds.append(pred[~done])
       alive, alive_ids = np.concatenate(alive), np.concatenate(alive_ids)
       if deadline is not None:  # one batch: what stage k took at its bucket, for the next predictions
-        seen = self.observed.setdefault((k, self._bucket(len(groups[0]))),
-                                        collections.deque(maxlen=OBSERVED_WINDOW))
+        seen = self.observed.setdefault((k, self._bucket(len(groups[0]))), [])
         seen.append(time.perf_counter() - stage_start)
+        del seen[:-OBSERVED_WINDOW]
       if not len(alive):
         return k
       if deadline is not None:

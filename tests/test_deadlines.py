@@ -7,7 +7,7 @@ fake programs (fixed confidences, no compilation) gives exact answers.
 from __future__ import annotations
 
 import subprocess
-import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +69,9 @@ def test_sweep_range_is_the_first_stage_to_the_whole_network_as_predicted():
   # A table of the batch size's times only serves the smaller bucket too.
   runner.stage_times[2] = {4: 0.003}
   assert runner.predicted_seconds(2, 6) == pytest.approx(0.006)
+  # A table object holding the mapping as `seconds` (as a stored stage table would be) is read the same way.
+  runner.stage_times, runner.observed = types.SimpleNamespace(seconds=runner.stage_times), {}
+  assert deadlines.sweep_range_ms(runner) == pytest.approx((2.0, 6.0))
 
 
 def test_report_sweeps_and_cuts_where_the_table_says():
@@ -94,6 +97,14 @@ def test_report_sweeps_and_cuts_where_the_table_says():
   assert [p["stages_run_counts"] for p in sweep] == [[3, 0, 0], [0, 3, 0], [0, 1, 2]]
   assert out["deadline_sweep_min_met_fraction"] == 1.0 == min(p["met_fraction"] for p in sweep)
   assert deadlines.report(runner, images, labels, runner.thresholds, 1e9, 0)["deadline_sweep"] == []
+
+
+def test_the_runner_keeps_the_latest_observed_times_only():
+  runner = _fake_runner()
+  runner.stage_times = {k: {4: 1e-9, 2: 1e-9} for k in (1, 2, 3)}
+  runner.run(np.repeat(_images(), 30, axis=0), deadline_ms=1e9)  # 300 images: 75 chunks of 4
+  assert len(runner.observed[(1, 4)]) == serving.OBSERVED_WINDOW < 75
+  assert all(0 < len(seen) <= serving.OBSERVED_WINDOW for seen in runner.observed.values())
 
 
 def test_deadline_figure(tmp_path):
