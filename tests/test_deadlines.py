@@ -118,6 +118,10 @@ def test_deadline_figure(tmp_path):
   assert "msdnet_tiny" not in acc.get_title() and "deadline per chunk" in acc.get_title()
   assert max(acc.get_xlim()) < 10 and "asked: 1e+09 ms (off the axis)" in [
       t.get_text() for t in met.get_legend().get_texts()]
+  # A flat curve (32.6-32.9 %) is drawn on 2 points of accuracy, not stretched to the axis' height.
+  flat = [{**pt, "accuracy": a} for pt, a in zip(points, (32.6, 32.9, 32.7))]
+  low, high = report.deadline_figure(flat).axes[0].get_ylim()
+  assert high - low == pytest.approx(2.0) and low < 32.6 and high > 32.9
   with pytest.raises(ValueError, match="at least one point"):
     report.deadline_figure([])
 
