@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msdfuse_jax import costs, folding, models, serving, timebudget
+from msdfuse_jax import costs, deadlines, folding, models, serving, timebudget
 from msdfuse_jax.data import augment, sources
 from msdfuse_jax.evaluation import budget, evaluate, predict
 
@@ -208,7 +208,8 @@ def check_export_matches(manifest: dict, config: Any, export_dir: str) -> None:
 
 
 def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_size: int,
-                  repeats: int, export_dir: str | None = None, budget_ms: float | None = None) -> dict:
+                  repeats: int, export_dir: str | None = None, budget_ms: float | None = None, *,
+                  deadline_ms: float | None = None, deadline_sweep: int = 8) -> dict:
   """`msdfuse-infer`'s work: fits thresholds, runs early exit and the baselines, checks the simulation,
   and times every stage alone.
 
@@ -224,6 +225,10 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
     budget_ms: the largest predicted mean milliseconds per image on this machine: the stages are timed
       first (`serving.Runner.measure`) and the thresholds fitted to those times (`timebudget`), on the
       validation split (with an export: on the validation data it stores, `Runner.with_budget_ms`).
+    deadline_ms: also classify the test set under this deadline per chunk (`serving.Runner.run`'s anytime
+      mode), then sweep deadlines (`deadlines.report`); the stage times predicted are the runner's
+      `stage_times`, set to the table timed here unless the runner has one.
+    deadline_sweep: how many deadlines the sweep runs (0: none).
 
   Returns:
     The figures written to ``WORKDIR/eval/infer.json``. ``matches_simulation`` compares the runner's
@@ -232,9 +237,12 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
     ``matmul_precision`` says at what precision the timings, that check and the thresholds were taken.
     ``predicted_ms_per_image`` is the time the stage table (``stage_times``) predicts for the thresholds
     (the validation split's fractions reaching each stage), ``realised_ms_per_image`` the best wall time of
-    the whole test set over its images, warm. Every transfer between host and device is explicit (it runs
-    under ``JAX_TRANSFER_GUARD=disallow``).
+    the whole test set over its images, warm. With `deadline_ms`, also the keys of `deadlines.report`
+    (``deadline_ms``, ``deadline_met_fraction``, ``worst_overshoot_ms``, ``deadline_sweep``, ...). Every transfer between host and device is explicit
+    (it runs under ``JAX_TRANSFER_GUARD=disallow``).
   """
+  if deadline_ms is not None:
+    serving.check_deadline_ms(deadline_ms)  # a one-line error before any work
   if export_dir is not None:
     manifest = serving.read_manifest(export_dir)
     config, model, variables, step, data = evaluate.load_run(workdir, dtype="float32")
@@ -295,6 +303,13 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
     # A time budget measured the stages before its fit: that table is reported. Otherwise they are timed
     # now, without refitting anything (an export fitted to a time budget keeps its thresholds here).
     stage_times = runner.stage_times if budget_ms is not None else runner.time_table(test_images, repeats)
+    deadline = {}
+    if deadline_ms is not None:
+      source = "the runner's own table"  # e.g. one stored with an export
+      if runner.stage_times is None:  # the table just timed is what the deadlines predict from
+        runner.stage_times, source = stage_times, "timed in this run (Runner.time_table)"
+      deadline = {**deadlines.report(runner, test_images, data.test_labels, thresholds, deadline_ms,
+                                     deadline_sweep), "deadline_stage_times": source}
   stage_seconds = stage_times.seconds
 
   counts = np.bincount(checked.exits - 1, minlength=model.num_exits)
@@ -341,4 +356,5 @@ def run_inference(workdir: str, p: int | None, cost_budget: float | None, batch_
       # At what jax.default_matmul_precision the figures were taken ("default": the backend's own).
       "matmul_precision": {"timings": timing_precision, "matches_simulation": check_precision,
                            "thresholds": SIMULATION_PRECISION},
+      **deadline,
   }

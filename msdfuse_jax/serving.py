@@ -24,6 +24,13 @@ the gather reads), only the chunk's last batch being padded to the smallest buck
 Decisions are those of the simulated budgeted evaluation: a sample exits at the first k with
 ``confidence >= T_k``; the last exit takes everybody left.
 
+Anytime, with a deadline (``runner.run(images, deadline_ms=D)``): D is per chunk, and a chunk is then one
+batch (at most `batch_size` images), timed from when the runner starts it. Stage 1 always runs; stage
+k + 1 runs on the chunk's survivors only if the time elapsed plus stage k + 1's predicted time on them
+(`Runner.predicted_seconds`, from the table `Runner.stage_times`) fits in D; otherwise every survivor takes
+exit k, the deepest it has (confident images have left earlier, as without a deadline). The result gives
+each chunk's time, the stages it ran, and each image's exit.
+
 Every transfer between host and device is explicit (`jax.device_put` of each batch of images and of each
 survivor index, `jax.device_get` of the confidences and predictions), so a runner works under
 ``jax.transfer_guard("disallow")``; the states stay on the device.
@@ -45,6 +52,13 @@ import numpy as np
 MANIFEST = "manifest.json"
 FORMAT = "msdfuse-export/1"
 
+# A deadline's prediction of a stage's time is the larger of the table's (`Runner.stage_times`: the
+# program alone, at its best) and this quantile of the last `OBSERVED_WINDOW` times the runner saw that
+# stage take at that bucket in its deadline runs (dispatch, the program, reading the decisions back): on a
+# shared or busy machine the table alone is optimistic, and the chunks would overshoot.
+OBSERVED_QUANTILE = 0.99
+OBSERVED_WINDOW = 64
+
 
 class ExportError(ValueError):
   """An export directory that cannot be used (missing or foreign files, wrong inputs)."""
@@ -52,15 +66,52 @@ class ExportError(ValueError):
 
 @dataclasses.dataclass
 class EarlyExitResult:
-  """Per-sample predictions and exits (1-based) of an early-exit run, with its wall time."""
+  """Per-sample predictions and exits (1-based) of an early-exit run, with its wall time and its chunks'.
+
+  Chunk i holds images ``[i * chunk_size, (i + 1) * chunk_size)`` (the last one may hold fewer):
+  `chunk_seconds` is its wall time, `chunk_stages` how many stages ran on it, `chunk_exits` its images'
+  exits. `deadline_ms` is the deadline each chunk had (None: none; then a chunk is `pieces` batches).
+  """
 
   predictions: np.ndarray
   exits: np.ndarray
   seconds: float
+  chunk_size: int = 0
+  chunk_seconds: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,)))
+  chunk_stages: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int64))
+  deadline_ms: float | None = None
 
   @property
   def images_per_second(self) -> float:
     return len(self.predictions) / self.seconds if self.seconds > 0 else float("inf")
+
+  @property
+  def chunk_exits(self) -> list[np.ndarray]:
+    """Each chunk's images' exits (1-based), in order."""
+    return [self.exits[lo:lo + self.chunk_size] for lo in range(0, len(self.exits), self.chunk_size)]
+
+  @property
+  def overshoot_ms(self) -> np.ndarray:
+    """Each chunk's time minus the deadline, in ms (negative: the time to spare); needs a deadline."""
+    if self.deadline_ms is None:
+      raise ValueError("this run had no deadline")
+    return 1e3 * self.chunk_seconds - self.deadline_ms
+
+  @property
+  def deadline_met(self) -> np.ndarray:
+    """Whether each chunk finished within the deadline (bool per chunk)."""
+    return self.overshoot_ms <= 0
+
+
+def check_deadline_ms(deadline_ms: Any) -> float:
+  """`deadline_ms` as a float, or a ValueError (one line) unless it is a positive, finite number."""
+  try:
+    value = float(deadline_ms)
+  except (TypeError, ValueError):
+    value = float("nan")
+  if not (np.isfinite(value) and value > 0):
+    raise ValueError(f"the deadline must be a positive number of milliseconds per chunk, got {deadline_ms}")
+  return value
 
 
 def bucket_sizes(batch_size: int, num_buckets: int = 5) -> list[int]:
@@ -110,6 +161,13 @@ class Runner:
     self.image_shape = None if image_shape is None else tuple(image_shape)
     self.manifest: dict | None = None
     self.calls: dict[tuple[int, int], int] = {}  # (stage, bucket size) -> number of calls so far
+    # What deadlines predict from: stage -> bucket size -> seconds per call (int keys; a stage may give
+    # its batch size's time only), or a table object whose `seconds` is that mapping. None until a deadline
+    # run measures it (`stage_seconds`, then cached here); a table stored with an export can be set here
+    # instead, and is then used as it is.
+    self.stage_times: dict[int, dict[int, float]] | None = None
+    # (stage, bucket size) -> the seconds it took in the latest deadline runs, newest last.
+    self.observed: dict[tuple[int, int], list[float]] = {}
 
   # Time budgets (`with_budget_ms`, `measure`): how the runner's thresholds were chosen, and the export
   # directory whose stored validation data a refit reads. Class attributes, so that a runner built without
@@ -190,22 +248,63 @@ class Runner:
       state = outs[-len(self.buckets)][0]
     jax.block_until_ready(outs)
 
-  def run(self, images: np.ndarray, thresholds: Sequence[float] | None = None) -> EarlyExitResult:
+  def run(self, images: np.ndarray, thresholds: Sequence[float] | None = None, *,
+          deadline_ms: float | None = None) -> EarlyExitResult:
     """Classifies `images` with early exits at `thresholds` (K values, the last one -1e8; by default the
-    runner's)."""
+    runner's).
+
+    Args:
+      images: uint8 (N, H, W, C).
+      thresholds: the K confidence thresholds; None: the runner's.
+      deadline_ms: anytime mode: milliseconds per chunk of at most `batch_size` images, timed from when
+        the chunk starts. Stage 1 always runs; stage k + 1 runs on the chunk's survivors only if the
+        elapsed time plus its predicted time (`predicted_seconds`) fits, else they all take exit k. The
+        first call measures `stage_times` unless it is set (which also compiles every program).
+
+    Returns:
+      An `EarlyExitResult` with each chunk's time and stages.
+    """
     if thresholds is None:
       if self.thresholds is None:
         raise ValueError("no thresholds given and the runner has none")
       thresholds = self.thresholds
     thresholds = self._check_thresholds(thresholds)
+    deadline_s = None if deadline_ms is None else check_deadline_ms(deadline_ms) / 1e3
     images = self._check_images(images)
+    if deadline_s is not None and self.stage_times is None:
+      self.stage_times = self.stage_seconds(images)
     n = len(images)
     predictions = np.zeros((n,), np.int64)
     exits = np.zeros((n,), np.int64)
+    # With a deadline a chunk is one batch: a deadline per batch, as a server would answer each request.
+    chunk = self.chunk if deadline_s is None else self.batch_size
+    chunk_seconds, chunk_stages = [], []
     start = time.perf_counter()
-    for lo in range(0, n, self.chunk):
-      self._run_chunk(images[lo:lo + self.chunk], lo, thresholds, predictions, exits)
-    return EarlyExitResult(predictions, exits, time.perf_counter() - start)
+    for lo in range(0, n, chunk):
+      began = time.perf_counter()
+      chunk_stages.append(self._run_chunk(images[lo:lo + chunk], lo, thresholds, predictions, exits,
+                                          deadline=None if deadline_s is None else (began, deadline_s)))
+      chunk_seconds.append(time.perf_counter() - began)
+    return EarlyExitResult(predictions, exits, time.perf_counter() - start, chunk, np.asarray(chunk_seconds),
+                           np.asarray(chunk_stages, np.int64),
+                           None if deadline_ms is None else float(deadline_ms))
+
+  def predicted_seconds(self, k: int, n: int) -> float:
+    """Stage k's predicted time on `n` survivors: its full batches' and the last one's bucket's, each the
+    larger of `stage_times` and the `OBSERVED_QUANTILE` of the runner's latest observations. What the
+    deadline's check adds to the elapsed time."""
+    if self.stage_times is None:
+      raise ValueError("the runner has no stage time table: set stage_times or run with a deadline")
+    full, rest = divmod(n, self.batch_size)
+    return (full * self._stage_estimate(k, self.batch_size)
+            + (self._stage_estimate(k, self._bucket(rest)) if rest else 0.0))
+
+  def _stage_estimate(self, k: int, bucket: int) -> float:
+    times = getattr(self.stage_times, "seconds", self.stage_times)[k]  # a mapping, or a table holding one
+    # A table timed at the batch size only (a smaller bucket never takes longer) serves every bucket.
+    table = times[bucket] if bucket in times else times[self.batch_size]
+    seen = self.observed.get((k, bucket))
+    return max(table, float(np.quantile(seen, OBSERVED_QUANTILE))) if seen else table
 
   def every_exit(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every stage's confidence and prediction for every image, from these programs: (K, N) float32 and
@@ -238,8 +337,11 @@ class Runner:
     self.calls[(k, bucket)] = self.calls.get((k, bucket), 0) + 1
     return self.programs[(k, bucket)](*args)
 
-  def _run_chunk(self, images, offset, thresholds, predictions, exits, trace=None) -> None:
+  def _run_chunk(self, images, offset, thresholds, predictions, exits, trace=None, deadline=None) -> int:
+    """Runs one chunk, writing its predictions and exits; returns how many stages ran. `deadline`:
+    (the chunk's start, its seconds) or None."""
     b, num_exits = self.batch_size, self.num_exits
+    stage_start = time.perf_counter()
     # Stage 1 on every batch of the chunk (dispatched together), then the decisions.
     outs, groups = [], []  # per batch of the current stage: its outputs and the images it holds
     for lo in range(0, len(images), b):
@@ -252,6 +354,7 @@ class Runner:
     alive = alive_ids = np.zeros((0,), np.int64)  # survivors: rows of the concatenated states, image ids
     for k in range(1, num_exits + 1):
       if k > 1:
+        stage_start = time.perf_counter()
         # The previous stage's states, as they are (the missing ones repeat the first: never read).
         states = tuple(out[0] for out in outs)
         states += (states[0],) * (self.pieces - len(states))
@@ -263,7 +366,7 @@ class Runner:
           outs.append(self._call(k, bucket, states, jax.device_put(index)))
           new_groups.append(alive_ids[lo:lo + b])
         groups = new_groups
-      alive, alive_ids = [], []
+      alive, alive_ids, alive_preds = [], [], []
       # The decisions are the host's: every batch's confidences and predictions, read back at once.
       decisions = jax.device_get([(out[1], out[2]) for out in outs])
       for i, ((conf, pred), ids) in enumerate(zip(decisions, groups)):
@@ -275,9 +378,22 @@ class Runner:
         exits[offset + ids[done]] = k
         alive.append(i * b + np.flatnonzero(~done))  # rows of the concatenated states
         alive_ids.append(ids[~done])
+        alive_preds.append(pred[~done])
       alive, alive_ids = np.concatenate(alive), np.concatenate(alive_ids)
+      if deadline is not None:  # one batch: what stage k took at its bucket, for the next predictions
+        seen = self.observed.setdefault((k, self._bucket(len(groups[0]))), [])
+        seen.append(time.perf_counter() - stage_start)
+        del seen[:-OBSERVED_WINDOW]
       if not len(alive):
-        return
+        return k
+      if deadline is not None:
+        start, seconds = deadline
+        if time.perf_counter() - start + self.predicted_seconds(k + 1, len(alive)) > seconds:
+          # Stage k + 1 would not fit: the survivors take exit k, the deepest they have.
+          predictions[offset + alive_ids] = np.concatenate(alive_preds)
+          exits[offset + alive_ids] = k
+          return k
+    return num_exits  # not reached: the last stage takes everybody left
 
   def stage_seconds(self, example_images: np.ndarray, repeats: int = 3) -> dict[int, dict[int, float]]:
     """Each program's time alone: stage -> bucket -> best seconds per call (after a warm-up call), on

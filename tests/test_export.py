@@ -1,5 +1,6 @@
-"""Exported early exit: BatchNorm folding, the model-free runtime, bad export directories."""
+"""Exported early exit: BatchNorm folding, the model-free runtime, bad export directories, deadlines."""
 
+import copy
 import json
 import os
 import shutil
@@ -128,6 +129,80 @@ def test_every_exit_and_simulate_are_the_run_of_the_same_programs(exported):
   assert confidence.shape == prediction.shape == (3, len(test))
   np.testing.assert_allclose(confidence, test_probs.max(-1), rtol=0, atol=1e-5)
   np.testing.assert_array_equal(prediction, test_probs.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def both_runners(exported):
+  """The export's runtime and the in-process runner it came from, each with its own deadline state."""
+  runners = [serving.Runner.from_dir(exported[0]), copy.copy(exported[2])]
+  for runner in runners:
+    runner.stage_times, runner.observed = None, {}
+  return runners
+
+
+def test_a_deadline_below_the_first_stage_still_gives_exit_1_to_every_image(exported, both_runners):
+  _, _, _, test, val_probs, test_probs = exported
+  for runner in both_runners:
+    result = runner.run(test, budget.fit_thresholds(val_probs, 35), deadline_ms=1e-3)
+    np.testing.assert_array_equal(result.exits, np.ones(len(test)))
+    np.testing.assert_array_equal(result.predictions, test_probs[0].argmax(-1))
+    # A chunk is one batch (16 images) and says what it took: 70 images, 5 chunks, none in 1 us.
+    assert result.chunk_size == 16 and result.deadline_ms == 1e-3
+    assert [len(e) for e in result.chunk_exits] == [16, 16, 16, 16, 6]
+    assert result.chunk_stages.tolist() == [1] * 5 and not result.deadline_met.any()
+    np.testing.assert_allclose(result.overshoot_ms, 1e3 * result.chunk_seconds - 1e-3)
+    # The table the deadline predicted from was measured once and kept: one time per stage and bucket.
+    assert sorted(runner.stage_times) == [1, 2, 3]
+    assert all(sorted(t) == [8, 16] for t in runner.stage_times.values())
+
+
+def test_a_huge_deadline_gives_the_run_without_one(exported, both_runners):
+  _, _, _, test, val_probs, _ = exported
+  for runner in both_runners:
+    for p in (8, 30):
+      thresholds = budget.fit_thresholds(val_probs, p)
+      plain, anytime = runner.run(test, thresholds), runner.run(test, thresholds, deadline_ms=1e9)
+      np.testing.assert_array_equal(anytime.exits, plain.exits)
+      np.testing.assert_array_equal(anytime.predictions, plain.predictions)
+      assert anytime.deadline_met.all() and len(anytime.chunk_seconds) == 5
+      assert anytime.chunk_stages.tolist() == [e.max() for e in anytime.chunk_exits]
+      # Without a deadline a chunk is `pieces` (2) batches.
+      assert plain.deadline_ms is None and plain.chunk_size == 32 and len(plain.chunk_seconds) == 3
+
+
+def test_the_deadline_stops_a_chunk_where_the_predicted_stage_would_not_fit(exported, both_runners):
+  """With a stage table that says stage 3 takes 1000 s, a 100 s deadline runs stages 1 and 2 only: every
+  image takes its own exit when that is 1 or 2, else exit 2 with stage 2's prediction."""
+  _, _, _, test, val_probs, _ = exported
+  thresholds = budget.fit_thresholds(val_probs, 30)
+  for runner in both_runners:
+    runner = copy.copy(runner)
+    runner.stage_times = {1: {16: 0.0, 8: 0.0}, 2: {16: 0.0, 8: 0.0}, 3: {16: 1e3, 8: 1e3}}
+    runner.observed = {}
+    assert runner.predicted_seconds(3, 20) == 2e3 and runner.predicted_seconds(3, 5) == 1e3
+    _, sim_exits = runner.simulate(test, thresholds)
+    _, prediction = runner.every_exit(test)
+    assert (sim_exits == 3).any() and (sim_exits < 3).any()
+    result = runner.run(test, thresholds, deadline_ms=1e5)
+    expected = np.minimum(sim_exits, 2)
+    np.testing.assert_array_equal(result.exits, expected)
+    np.testing.assert_array_equal(result.predictions, prediction[expected - 1, np.arange(len(test))])
+    assert result.deadline_met.all() and set(result.chunk_stages.tolist()) <= {1, 2}
+    # What the stages took is kept, and raises the next predictions (never below the table's).
+    assert {k for k, _ in runner.observed} == {1, 2}
+    for (k, bucket), seen in runner.observed.items():
+      assert 0 < len(seen) <= serving.OBSERVED_WINDOW
+      assert runner.predicted_seconds(k, bucket) == max(runner.stage_times[k][bucket],
+                                                        np.quantile(seen, serving.OBSERVED_QUANTILE))
+
+
+def test_a_deadline_that_is_not_a_positive_time_is_refused(exported, both_runners):
+  for deadline in (0, -5.0, float("nan"), float("inf"), "soon"):
+    with pytest.raises(ValueError, match=r"^the deadline must be a positive number of milliseconds per "
+                                         rf"chunk, got {deadline}$"):
+      both_runners[0].run(exported[3], deadline_ms=deadline)
+  with pytest.raises(ValueError, match="this run had no deadline"):
+    _ = both_runners[0].run(exported[3][:3]).overshoot_ms
 
 
 def test_the_folding_check_runs_at_highest_precision(monkeypatch):
@@ -311,10 +386,16 @@ def test_export_and_infer_on_a_trained_run(run_dir, tmp_path):
     np.testing.assert_array_equal(result.exits, reference.exits)
     np.testing.assert_array_equal(result.predictions, reference.predictions)
 
+  # With a deadline far above the whole network's time (the anytime run then equals the plain one).
   done = _cli("msdfuse_jax.tools.infer_main", f"--workdir={run_dir}", f"--export={out}", "--repeats=1",
-              env=NO_IMPLICIT_TRANSFERS)
+              "--deadline_ms=1e9", "--deadline_sweep=2", env=NO_IMPLICIT_TRANSFERS)
   assert done.returncode == 0, done.stderr[-3000:]
   infer = json.loads((run_dir / "eval" / "infer.json").read_text())
+  assert infer["deadline_ms"] == 1e9 and infer["deadline_met_fraction"] == 1.0
+  assert infer["worst_overshoot_ms"] == 0.0 and infer["deadline_exit_counts"] == infer["exit_counts"]
+  assert infer["deadline_accuracy"] == infer["accuracy"] and len(infer["deadline_sweep"]) == 2
+  assert (run_dir / "eval" / "anytime_deadline.png").stat().st_size > 0
+  assert "100.0 % of chunks within it, worst overshoot 0.000 ms" in done.stdout
   assert infer["runner"] == "export" and infer["matches_simulation"] is True and infer["p"] == 8
   # The export's programs are checked against themselves run on every image (like with like).
   assert infer["simulation"] == "the export's programs, every stage on every image"

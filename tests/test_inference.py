@@ -153,8 +153,16 @@ def test_run_inference_matches_simulation(run_dir):
   # By cost budget: the p the validation curve allows, then the same simulation check.
   cost_budget = float(exit_costs[-1]) * 0.9
   by_budget = inference.run_inference(str(run_dir), p=None, cost_budget=cost_budget, batch_size=64,
-                                      repeats=1)
+                                      repeats=1, deadline_ms=1e-3, deadline_sweep=2)
   assert by_budget["p"] == budget.thresholds_for_budget(val_probs, exit_costs, cost_budget)
   assert by_budget["matches_simulation"] is True
   sim_exits, _ = budget.apply_thresholds(test_probs, budget.fit_thresholds(val_probs, by_budget["p"]))
   assert by_budget["exit_counts"] == np.bincount(sim_exits, minlength=model.num_exits).tolist()
+  # With a deadline (here 1 us per chunk of 64 images, below the first stage's time): the in-process
+  # runner still gives every image exit 1, and no chunk meets the deadline.
+  assert by_budget["deadline_ms"] == 1e-3 and by_budget["deadline_exit_counts"] == [n, 0, 0]
+  assert by_budget["deadline_met_fraction"] == 0.0 and by_budget["worst_overshoot_ms"] > 0
+  assert by_budget["deadline_chunk_size"] == 64 and len(by_budget["deadline_chunk_ms"]) == 16
+  assert by_budget["deadline_stage_times"] == "timed in this run (Runner.stage_seconds)"
+  lo, hi = by_budget["deadline_sweep_range_ms"]
+  assert 0 < lo < hi and [p["deadline_ms"] for p in by_budget["deadline_sweep"]] == [lo, hi]

@@ -4,7 +4,9 @@ A run's evaluation directory (``WORKDIR/eval``, written by ``msdfuse-eval``) hol
 
 * ``anytime.{json,csv,png}``: one row per exit (`anytime.anytime_rows`);
 * ``budgeted.{json,csv,png}``: one point per p = 1..39 (`budget.dynamic_evaluation`);
-* ``costs.json``: the `msdfuse_jax.costs.costs_report` of the model.
+* ``costs.json``: the `msdfuse_jax.costs.costs_report` of the model;
+* ``anytime_deadline.png``, from ``msdfuse-infer --deadline_ms``: accuracy and the fraction of chunks
+  within the deadline against the deadline (`deadline_figure`; the figures are in ``infer.json``).
 
 When the writer is told what it evaluated, every JSON row and point also has ``model``, ``dataset`` and
 ``step`` keys, next to ``split`` (and, for budgeted points, ``threshold_split``); the figures' titles say
@@ -41,7 +43,10 @@ META_KEYS = ("model", "dataset", "step")  # what a run is, added to every JSON r
 
 __all__ = ["COST_UNIT", "ANYTIME_COLUMNS", "META_KEYS", "budgeted_columns", "anytime_figure",
            "budgeted_figure", "runs_figure", "write_anytime", "write_budgeted", "load_reference",
-           "plot_runs"]
+           "plot_runs", "DEADLINE_FILE", "deadline_figure", "write_deadline"]
+
+DEADLINE_FILE = "anytime_deadline.png"
+DEADLINE_TARGET = 0.95  # the fraction of chunks that should finish within the deadline, drawn as a line
 
 
 def _jsonable(value: Any) -> Any:
@@ -263,6 +268,66 @@ def write_budgeted(directory: PathLike, points: Sequence[Mapping[str, Any]],
                         threshold_split=threshold_split)
   fig.savefig(paths["png"], dpi=120)
   return paths
+
+
+def deadline_figure(points: Sequence[Mapping[str, Any]], *, deadline_ms: float | None = None,
+                    no_deadline_accuracy: float | None = None, model: str | None = None,
+                    dataset: str | None = None, step: int | None = None) -> Figure:
+  """The anytime-deadline figure: accuracy, and the fraction of chunks that finished in time, against the
+  deadline per chunk (ms).
+
+  Args:
+    points: `msdfuse_jax.deadlines.sweep` output: one dict per deadline with ``deadline_ms``,
+      ``accuracy`` and ``met_fraction``.
+    deadline_ms: the deadline asked for, marked on both panels (in the legend only when it lies far
+      from the sweep); None: not marked.
+    no_deadline_accuracy: the accuracy without a deadline, drawn as a level; None: not drawn.
+    model, dataset, step: what was evaluated, each left out of the title when None.
+
+  Returns:
+    The figure (Agg canvas), not yet saved.
+  """
+  if not points:
+    raise ValueError("deadline_figure needs at least one point")
+  xs = [pt["deadline_ms"] for pt in points]
+  fig, (acc, met) = _new_figure(2)
+  meta = _meta(model, dataset, step)
+  acc.plot(xs, [pt["accuracy"] for pt in points], marker="o", label="with the deadline")
+  if no_deadline_accuracy is not None:
+    acc.axhline(no_deadline_accuracy, color="gray", linestyle="--", linewidth=1, label="no deadline")
+  _style_axes(acc, _title("Anytime: a deadline per chunk", meta, "top-1 on the test split"),
+              "deadline per chunk (ms)")
+  # At least 2 points of accuracy on the axis: a flat curve's last digits are not drawn as a swing.
+  lo, hi = acc.get_ylim()
+  if hi - lo < 2.0:
+    middle = (lo + hi) / 2
+    acc.set_ylim(middle - 1.0, middle + 1.0)
+  met.plot(xs, [100.0 * pt["met_fraction"] for pt in points], marker="o", color="C2",
+           label="chunks within the deadline")
+  met.axhline(100.0 * DEADLINE_TARGET, color="C3", linestyle=":", linewidth=1,
+              label=f"{100 * DEADLINE_TARGET:.0f} % target")
+  met.set_ylim(-3, 103)
+  _style_axes(met, _title("Chunks that met the deadline", meta, "test split"), "deadline per chunk (ms)")
+  met.set_ylabel("chunks within the deadline (%)")
+  # The deadline asked for, where it lies near the sweep (a huge one would squash the sweep's axis).
+  near = deadline_ms is not None and 0.5 * min(xs) <= deadline_ms <= 2.0 * max(xs)
+  for ax in (acc, met):
+    if near:
+      ax.axvline(deadline_ms, color="black", linewidth=0.8, alpha=0.6, label=f"asked: {deadline_ms:g} ms")
+    elif deadline_ms is not None:
+      ax.plot([], [], linestyle="none", label=f"asked: {deadline_ms:g} ms (off the axis)")
+    ax.legend(fontsize=8, loc="best")
+  return fig
+
+
+def write_deadline(directory: PathLike, points: Sequence[Mapping[str, Any]], **kwargs: Any) -> Path:
+  """Writes ``anytime_deadline.png`` (`deadline_figure` of `points`, with its keyword arguments) into
+  `directory`, created if missing, and returns its path."""
+  out = Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / DEADLINE_FILE
+  deadline_figure(points, **kwargs).savefig(path, dpi=120)
+  return path
 
 
 def _read_json(path: Path, run_dir: Path) -> Any:

@@ -6,6 +6,7 @@
 
   msdfuse-infer --workdir=DIR --export=EXPORT  # the programs of msdfuse-export, through msdfuse_jax.serving
   msdfuse-infer --workdir=DIR --export=EXPORT --budget_ms=T   # refitted to T on this machine's times
+  msdfuse-infer --workdir=DIR --p=P --deadline_ms=D   # also anytime: D ms per chunk of --batch_size images
 
 Thresholds are fitted on the run's validation split exactly as in `msdfuse-eval`. The test set is then
 classified stage by stage, each stage run only on the samples still undecided
@@ -17,6 +18,10 @@ the runner's overhead (realised / time-ideal) and the architecture's CPU penalty
 predicted). With --budget_ms the stages are timed first and the thresholds fitted to those times
 (`msdfuse_jax.timebudget`); the predicted and the realised ms per image are reported for every budget.
 Writes ``DIR/eval/infer.json``.
+
+With --deadline_ms the test set is also classified under a deadline per chunk (`msdfuse_jax.deadlines`):
+the fraction of chunks that met it, the worst overshoot, the accuracy, and a sweep of deadlines from the
+first stage's time to the full network's, drawn in ``DIR/eval/anytime_deadline.png``.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import os
 
 from absl import app, flags
 
-from msdfuse_jax import checkpoints, inference, rundir
+from msdfuse_jax import checkpoints, inference, rundir, serving
 from msdfuse_jax.data import sources
+from msdfuse_jax.evaluation import report
 from msdfuse_jax.tools import flags_util
 
 flags_util.define_budget_flags()
@@ -34,6 +40,10 @@ flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
 flags.DEFINE_string("export", None, "Run the programs of this export directory (msdfuse-export) with the "
                     "model-free runtime msdfuse_jax.serving; its budget and batch size are the export's "
                     "(or, with --budget_ms, refitted on its stored validation data to this machine's times).")
+flags.DEFINE_float("deadline_ms", None, "Anytime: also classify the test set with this deadline (ms) per "
+                   "chunk of --batch_size images (the export's batch size with --export).")
+flags.DEFINE_integer("deadline_sweep", 8, "With --deadline_ms: how many deadlines to sweep, from the first "
+                     "stage's time to the full network's (0: none).")
 FLAGS = flags.FLAGS
 
 
@@ -43,11 +53,19 @@ def main(argv) -> None:
     flags_util.fail("--export runs the export's own budget (or --budget_ms, refitted): leave out --p and "
                     "--budget")
   flags_util.check_budget_flags(budget_required=FLAGS.export is None)
+  if FLAGS.deadline_ms is not None:
+    try:
+      serving.check_deadline_ms(FLAGS.deadline_ms)
+    except ValueError as e:
+      flags_util.fail(f"--deadline_ms: {e}")
+  if FLAGS.deadline_sweep < 0:
+    flags_util.fail(f"--deadline_sweep must be 0 or more, got {FLAGS.deadline_sweep}")
   flags_util.enable_compilation_cache()
   try:
     out = inference.run_inference(FLAGS.workdir, FLAGS.p, FLAGS.budget,
                                   None if FLAGS.export else FLAGS.batch_size, FLAGS.repeats, FLAGS.export,
-                                  budget_ms=FLAGS.budget_ms)
+                                  budget_ms=FLAGS.budget_ms, deadline_ms=FLAGS.deadline_ms,
+                                  deadline_sweep=FLAGS.deadline_sweep)
   except (FileNotFoundError, ValueError, checkpoints.CheckpointError, sources.DataError) as e:
     flags_util.fail(str(e))
   path = rundir.write_json(os.path.join(rundir.eval_dir(FLAGS.workdir), rundir.INFER_FILE), out)
@@ -74,6 +92,19 @@ def main(argv) -> None:
         f"{out['time_ideal_over_predicted']:.2f}, realised / predicted {out['realised_over_predicted']:.2f}")
   print(f"predictions and exits equal the simulated budgeted evaluation ({out['simulation']}, matmul "
         f"precision {out['matmul_precision']['matches_simulation']}): {out['matches_simulation']}")
+  if FLAGS.deadline_ms is not None:
+    print(f"deadline {out['deadline_ms']:g} ms per chunk of {out['deadline_chunk_size']} images: "
+          f"{100 * out['deadline_met_fraction']:.1f} % of chunks within it, worst overshoot "
+          f"{out['worst_overshoot_ms']:.3f} ms, accuracy {out['deadline_accuracy']:.2f} %, exits per stage "
+          f"{out['deadline_exit_counts']}")
+    if out["deadline_sweep"]:
+      lo, hi = out["deadline_sweep_range_ms"]
+      config = rundir.load_config(FLAGS.workdir)
+      figure = report.write_deadline(rundir.eval_dir(FLAGS.workdir), out["deadline_sweep"],
+                                     deadline_ms=out["deadline_ms"], no_deadline_accuracy=out["accuracy"],
+                                     model=config.model.name, dataset=config.dataset, step=out["step"])
+      print(f"deadline sweep {lo:.3f}..{hi:.3f} ms (the first stage's time to the full network's): at least "
+            f"{100 * out['deadline_sweep_min_met_fraction']:.1f} % of chunks within it; {figure}")
   print(f"wrote {path}")
 
 
