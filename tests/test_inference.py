@@ -163,6 +163,6 @@ def test_run_inference_matches_simulation(run_dir):
   assert by_budget["deadline_ms"] == 1e-3 and by_budget["deadline_exit_counts"] == [n, 0, 0]
   assert by_budget["deadline_met_fraction"] == 0.0 and by_budget["worst_overshoot_ms"] > 0
   assert by_budget["deadline_chunk_size"] == 64 and len(by_budget["deadline_chunk_ms"]) == 16
-  assert by_budget["deadline_stage_times"] == "timed in this run (Runner.stage_seconds)"
+  assert by_budget["deadline_stage_times"] == "timed in this run (Runner.time_table)"
   lo, hi = by_budget["deadline_sweep_range_ms"]
   assert 0 < lo < hi and [p["deadline_ms"] for p in by_budget["deadline_sweep"]] == [lo, hi]
