@@ -272,7 +272,7 @@ class Runner:
     deadline_s = None if deadline_ms is None else check_deadline_ms(deadline_ms) / 1e3
     images = self._check_images(images)
     if deadline_s is not None and self.stage_times is None:
-      self.stage_times = self.stage_seconds(images)
+      self.stage_times = self.time_table(images)  # a StageTimes, as `measure` keeps
     n = len(images)
     predictions = np.zeros((n,), np.int64)
     exits = np.zeros((n,), np.int64)
