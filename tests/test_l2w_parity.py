@@ -11,7 +11,6 @@ turn, and both networks' parameters after the step (both turns). Tolerances as t
 the meta gradient, a gradient through a gradient, gets 1e-3.
 """
 
-import json
 import os
 import pathlib
 import warnings
@@ -28,7 +27,7 @@ from msdfuse_jax import train_state as ts
 from msdfuse_jax.data import augment
 from msdfuse_jax.interop import torch_msdnet
 from tests.conftest import SHARED
-from tests.test_step_parity import FLIP_BOUND, STATE_TOL, assert_close, converted_params
+from tests.test_step_parity import FLIP_BOUND, STATE_TOL, Fixture, assert_close, converted_params
 
 FIXTURE = pathlib.Path(os.environ.get("MSDFUSE_L2W_PARITY_FIXTURE") or
                        SHARED / "reference" / "l2w_parity.npz")
@@ -38,27 +37,14 @@ META_TOL = 1e-4    # the meta network's input (per-sample losses) and output
 META_GRAD_TOL = 1e-3
 
 
-class L2WFixture:
-  """The recorded run: its config and arrays, the packed vectors unpacked by name."""
+class L2WFixture(Fixture):
+  """The recorded run (read as the step-parity fixture is), with the meta network's packed vectors too."""
 
   def __init__(self, path: pathlib.Path):
-    with np.load(path) as data:
-      self.arrays = {k: data[k] for k in data.files}
-    self.config = json.loads(str(self.arrays.pop("config")))
-    shapes = {name: tuple(shape) for name, shape in self.config["state_layout"]}
-    self.state_layout = [(name, shapes[name]) for name, _ in self.config["state_layout"]]
-    self.param_layout = [(name, shapes[name]) for name in self.config["param_names"]]
+    super().__init__(path)
     self.meta_layout = [(name, tuple(shape)) for name, shape in self.config["meta_layout"]]
 
-  @staticmethod
-  def unpack(vector: np.ndarray, layout) -> dict[str, np.ndarray]:
-    out, i = {}, 0
-    for name, shape in layout:
-      n = int(np.prod(shape))
-      out[name] = vector[i:i + n].reshape(shape)
-      i += n
-    assert i == vector.size, f"packed vector of {vector.size} values, layout of {i}"
-    return out
+  unpack = staticmethod(Fixture._unpack)  # pylint: disable=protected-access
 
   def state(self, t: int) -> dict[str, np.ndarray]:
     """The classifier's state_dict after t iterations (two turns each)."""
