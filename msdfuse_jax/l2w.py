@@ -9,8 +9,7 @@ configured), applied functionally to the gradient of the weighted loss -- does w
 by the target exit distribution of `target_probs` (the geometric family of the authors' `calc_target_probs`),
 each exit taking the most confident of the samples still left, and the meta loss is the sum over exits of
 the mean cross-entropy of the samples it took. In PyTorch this needs a functional copy of the network and
-``create_graph=True``; here it is the gradient through ``tx.update``, written as the chain rule with one
-forward-mode pass (`Turn.meta_gradient`) so that no convolution is differentiated twice.
+``create_graph=True``; here it is ``jax.grad`` through ``tx.update``.
 
 One train step on a batch shard runs the authors' loop body: the shard's two halves take turns as train and
 meta half (first half trains, second is the meta half; then the other way round, from the updated state),
@@ -269,11 +268,6 @@ class Turn:
                                                                       *train_half)
     updates, _ = self.tx.update(grads, opt_state, params)
     look = optax.apply_updates(params, updates)
-    value, (masks,) = self._meta_half_loss(look, batch_stats, meta_half)
-    return value, (w, look, masks)
-
-  def _meta_half_loss(self, look, batch_stats, meta_half):
-    """The meta loss of parameters `look` on the meta half, and (the half's exit masks,)."""
     x, targets = meta_half
     # The meta objective is the look-ahead's true loss: no gradient technique on this forward.
     logits, _ = self.forward(look, batch_stats, x, False)
@@ -282,32 +276,10 @@ class Turn:
     confidence = jax.lax.stop_gradient(jnp.max(jax.nn.softmax(stacked, axis=-1), axis=-1))
     masks = target_exit_masks(confidence, target_counts(x.shape[0], target_probs(self.num_exits,
                                                                                  self.cfg.target_p_index)))
-    return meta_loss(ce, masks), (masks,)
+    return meta_loss(ce, masks), (w, look, masks)
 
   def meta_gradient(self, meta_params, params, batch_stats, opt_state, train_half, meta_half):
-    """(meta loss, its gradient w.r.t. the meta parameters, aux of `look_ahead_loss`) of one shard.
-
-    The gradient of `look_ahead_loss`, by the chain rule written out so that no convolution is
-    differentiated twice. With g(m) the train half's weighted gradient, U the optimiser's update and
-    v the meta loss's gradient at the look-ahead parameters ``params + U(g)``:
-    ``d/dm meta_loss = (dg/dm)^T (dU/dg)^T v``, and for any vector a, ``(dg/dm)^T a`` is the gradient in
-    m of ``<a, g(m)>``, the directional derivative of the weighted loss along a (a `jax.jvp`). So: one
-    backward pass for g, one for v, the optimiser's vector-Jacobian product (elementwise), one forward-mode
-    pass, and a backward pass through the meta network alone. Differentiating `look_ahead_loss` directly
-    (reverse over reverse) transposes the backward pass's weight-gradient convolutions, which XLA:CPU
-    compiles to slow generic loops; both give the same gradient
-    (tests/test_l2w.py::test_meta_gradient_equals_reverse_over_reverse).
-    """
-    grads, (_, _, _, w) = jax.grad(self.weighted_loss, has_aux=True)(params, batch_stats, meta_params,
-                                                                      *train_half)
-    update = lambda g: self.tx.update(g, opt_state, params)[0]
-    updates, update_vjp = jax.vjp(update, grads)
-    look = optax.apply_updates(params, updates)
-    (value, (masks,)), v = jax.value_and_grad(self._meta_half_loss, has_aux=True)(look, batch_stats, meta_half)
-    (direction,) = update_vjp(v)
-
-    def along(meta):  # <direction, g(meta)>
-      loss = lambda p: self.weighted_loss(p, batch_stats, meta, *train_half)[0]
-      return jax.jvp(loss, (params,), (direction,))[1]
-
-    return value, jax.grad(along)(meta_params), (w, look, masks)
+    """(meta loss, its gradient w.r.t. the meta parameters, aux of `look_ahead_loss`) of one shard."""
+    (value, aux), grads = jax.value_and_grad(self.look_ahead_loss, has_aux=True)(
+        meta_params, params, batch_stats, opt_state, train_half, meta_half)
+    return value, grads, aux

@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 
 from configs import cifar
-from msdfuse_jax import checkpoints, l2w, metrics, models, optim, parallel, train
-from msdfuse_jax import data as data_lib
-from msdfuse_jax.models import base
+from msdfuse_jax import checkpoints, l2w, models, optim, parallel, train
 from msdfuse_jax import train_state as ts
 from msdfuse_jax.tools import flags_util
 from tests.conftest import REPO, shared_file, tool_command
@@ -267,54 +265,3 @@ def test_one_step_on_two_devices_equals_one_device_in_float64():
   gaps = result["gaps"]["one-two"]
   assert sorted(gaps) == ["batch_stats", "meta_adam_mu", "meta_adam_nu", "meta_params", "opt_state", "params"]
   assert max(gaps.values()) < FLOAT64_TWO_DEVICE_TOL, gaps
-
-
-# Measured: 4e-8..1.6e-7 of each leaf's largest value (float32, with and without gradient equilibrium).
-META_GRADIENT_RTOL = 1e-5
-
-
-def meta_gradients(ge: bool):
-  """One shard's meta gradient of msdnet_tiny (with distillation, and gradient equilibrium if `ge`) from a
-  fresh state on real CIFAR-10 images: `l2w.Turn.meta_gradient` (a jvp) and the gradient of
-  `l2w.Turn.look_ahead_loss` by reverse over reverse."""
-  config = l2w_config()
-  config.optim.gradient_equilibrium = ge
-  data = data_lib.load(config.dataset, config.data, None, save_split=False)
-  model = models.from_config(config)
-  tech = train.techniques(config)
-  tx = optim.create_optimizer(config.optim, optim.learning_rate_schedule(config.optim, 10, 100))
-  root = jax.random.PRNGKey(0)
-  state = ts.init_train_state(model, tx, root, 32, train.meta_initializer(tech, model.num_exits,
-                                                                           jax.random.fold_in(root, 2)))
-  # A state one SGD step in, so that momentum and the look-ahead's update are not trivial.
-  opt_state = tx.update(jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), state.params), state.opt_state,
-                        state.params)[1]
-
-  def forward(params, batch_stats, images, with_techniques):
-    with base.gradient_equilibrium(ge and with_techniques):
-      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                    mutable=["batch_stats"])
-    return logits, updates["batch_stats"]
-
-  weights = metrics.exit_weights(config.optim.exit_weights, model.num_exits)
-  turn = l2w.Turn(tech.l2w, forward, lambda logits, y: train.exit_losses(logits, y, tech), tx, weights,
-                  model.num_exits)
-  images = (data.train_images[:16].astype(np.float32) / 255.0 - data.mean) / data.std
-  targets = jax.nn.one_hot(data.train_labels[:16], data.num_classes)
-  halves = (images[:8], targets[:8]), (images[8:], targets[8:])
-  args = (state.meta["params"], state.params, state.batch_stats, opt_state, *halves)
-  value, grads, _ = jax.jit(turn.meta_gradient)(*args)
-  (ref_value, _), ref_grads = jax.jit(jax.value_and_grad(turn.look_ahead_loss, has_aux=True))(*args)
-  return (value, grads), (ref_value, ref_grads)
-
-
-@pytest.mark.parametrize("ge", [False, True])
-def test_meta_gradient_equals_reverse_over_reverse(ge):
-  """`Turn.meta_gradient` (the chain rule with a forward-mode pass) is the gradient of the look-ahead's meta
-  loss that `jax.grad` of `Turn.look_ahead_loss` gives, with distillation and with gradient equilibrium (its
-  scaling has a forward-mode rule): equal to float32 rounding."""
-  (value, grads), (ref_value, ref_grads) = meta_gradients(ge)
-  assert float(value) == pytest.approx(float(ref_value), rel=1e-6)
-  for g, r in zip(leaves(grads), leaves(ref_grads)):
-    scale = float(np.abs(r).max())
-    assert scale > 0 and float(np.abs(g - r).max()) <= META_GRADIENT_RTOL * scale

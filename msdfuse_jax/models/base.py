@@ -46,21 +46,22 @@ def gradient_equilibrium(enabled: bool = True) -> Iterator[None]:
     _GRADIENT_EQUILIBRIUM.reset(token)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def scale_gradient(x: Any, scale: float) -> Any:
-  """The identity on `x` (any pytree) whose derivative is multiplied by the Python float `scale`.
-
-  Defined by its forward-mode rule (the tangent times `scale`); reverse mode transposes it into the
-  cotangent times `scale`, so its gradient is scaled as well, and forward-mode derivatives (L2W-DEN's
-  meta gradient, `l2w.Turn.meta_gradient`) see the same scaling.
-  """
+  """The identity on `x` (any pytree) whose gradient is multiplied by the Python float `scale`."""
   return x
 
 
-@scale_gradient.defjvp
-def _scale_gradient_jvp(scale, primals, tangents):
-  (x,), (t,) = primals, tangents
-  return x, jax.tree.map(lambda v: v * scale, t)
+def _scale_gradient_fwd(x, scale):
+  del scale
+  return x, None
+
+
+def _scale_gradient_bwd(scale, _, g):
+  return (jax.tree.map(lambda t: t * scale, g),)
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
 def boost(logits: jax.Array, previous: jax.Array | None, reweight: float) -> jax.Array:
