@@ -13,7 +13,9 @@ and the check goes on.
           images/s and the step-time spread (min, median, p90, max)
   costs   msdfuse-costs --json of msdfuse: XLA's flops per exit as this backend compiles them
   infer   a tiny run (msdnet_tiny, 6 steps on a written CIFAR-shaped folder), then msdfuse-infer on it
-          under JAX_TRANSFER_GUARD=disallow: early exit against the full network, and the simulation check
+          under JAX_TRANSFER_GUARD=disallow: early exit against the full network, and the simulation check;
+          then msdfuse-infer --budget_ms (0.9 of the full network's time just measured) with
+          --deadline_ms (half the full network's time on one batch) and a 4-deadline sweep
   tests   the fast test tier on the device: pytest -m "not slow and not cpu_exact"
 
 Writes DIR/device_check.json (keys device, bench, train, costs, infer, tests, plus settings) and
@@ -41,7 +43,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cifar.py"
 
 # Settings per mode: the full check on the accelerator, and the smoke run on the CPU. `budgets` are each
-# run's planned seconds (bench: each of its 4 runs; infer: its 2 runs together), in proportion to which the
+# run's planned seconds (bench: each of its 4 runs; infer: its 3 runs together), in proportion to which the
 # whole budget is shared out (480 s and 175 s by default; the fast test tier takes what is left).
 FULL = dict(bench_models=("msdnet_anytime7", "msdfuse"), bench_batch=512, bench_steps=10,
             train_model="msdfuse", train_steps=300, costs_model="msdfuse", infer_batch=64,
@@ -73,7 +75,7 @@ class Check:
     self.pending = [("device", budgets["device"])]
     self.pending += [("bench", budgets["bench"])] * (len(self.settings["bench_models"]) * len(DTYPES))
     self.pending += [(name, budgets[name]) for name in ("train", "costs")]
-    self.pending += [("infer", budgets["infer"] / 2)] * 2 + [("tests", budgets["tests"])]
+    self.pending += [("infer", budgets["infer"] / 3)] * 3 + [("tests", budgets["tests"])]
     (out / "logs").mkdir(parents=True, exist_ok=True)
     self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
                                                                            os.environ.get("PYTHONPATH")]))}
@@ -219,6 +221,10 @@ def write_cifar_folder(path: pathlib.Path, per_batch: int = 200, seed: int = 0) 
 INFER_KEYS = ("p", "num_images", "batch_size", "exit_counts", "early_exit_images_per_s",
               "full_network_images_per_s", "last_exit_images_per_s", "speedup_vs_full", "predicted_speedup",
               "realised_over_predicted", "matches_simulation", "simulation", "matmul_precision")
+BUDGET_MS_KEYS = ("budget_ms", "p", "predicted_ms_per_image", "realised_ms_per_image", "full_network_ms_per_image",
+                  "accuracy", "matches_simulation")
+DEADLINE_KEYS = ("deadline_ms", "deadline_met_fraction", "worst_overshoot_ms", "deadline_accuracy",
+                 "deadline_chunk_size", "deadline_sweep_range_ms", "deadline_sweep_min_met_fraction")
 
 
 def infer(check: Check) -> dict[str, Any]:
@@ -234,7 +240,19 @@ def infer(check: Check) -> dict[str, Any]:
                       f"--batch_size={check.settings['infer_batch']}", "--repeats=1"],
             env={"JAX_TRANSFER_GUARD": "disallow"})
   report = json.loads((run / "eval" / "infer.json").read_text())
-  return {"transfer_guard": "disallow", **{k: report[k] for k in INFER_KEYS}}
+  result = {"transfer_guard": "disallow", **{k: report[k] for k in INFER_KEYS}}
+  # A time budget of 0.9 of the full network's time just measured, and a deadline per batch of half the
+  # full network's time on one batch, with a short sweep from the first stage's time to the full network's.
+  full_ms = 1e3 / report["full_network_images_per_s"]
+  budget_ms, deadline_ms = 0.9 * full_ms, 0.5 * full_ms * check.settings["infer_batch"]
+  check.run("infer_ms", ["-m", "msdfuse_jax.tools.infer_main", f"--workdir={run}", f"--budget_ms={budget_ms:.6f}",
+                         f"--batch_size={check.settings['infer_batch']}", "--repeats=3",
+                         f"--deadline_ms={deadline_ms:.6f}", "--deadline_sweep=4"],
+            env={"JAX_TRANSFER_GUARD": "disallow"})
+  timed = json.loads((run / "eval" / "infer.json").read_text())
+  result["budget_ms"] = {k: timed[k] for k in BUDGET_MS_KEYS}
+  result["deadline"] = {k: timed[k] for k in DEADLINE_KEYS}
+  return result
 
 
 def tests(check: Check) -> dict[str, Any]:
@@ -324,6 +342,16 @@ def markdown(report: dict[str, Any]) -> str:
                  f"{i['full_network_images_per_s']:,.1f}; speedup {i['speedup_vs_full']:.2f}x (predicted "
                  f"{i['predicted_speedup']:.2f}x); equal to the simulation ({i['simulation']}, matmul precision "
                  f"{i['matmul_precision']['matches_simulation']}): {i['matches_simulation']}.")
+    b, d = i["budget_ms"], i["deadline"]
+    lines.append(f"Time budget {b['budget_ms']:.4f} ms per image (0.9 of the full network's): p={b['p']}, "
+                 f"predicted {b['predicted_ms_per_image']:.4f} ms, realised {b['realised_ms_per_image']:.4f} ms "
+                 f"({b['realised_ms_per_image'] / b['budget_ms']:.2f} of the budget; full network "
+                 f"{b['full_network_ms_per_image']:.4f} ms), accuracy {b['accuracy']:.2f} %.")
+    lines.append(f"Deadline {d['deadline_ms']:.3f} ms per chunk of {d['deadline_chunk_size']}: "
+                 f"{100 * d['deadline_met_fraction']:.1f} % of chunks within it, worst overshoot "
+                 f"{d['worst_overshoot_ms']:.3f} ms, accuracy {d['deadline_accuracy']:.2f} %; over the sweep "
+                 f"{d['deadline_sweep_range_ms'][0]:.3f}..{d['deadline_sweep_range_ms'][1]:.3f} ms the lowest "
+                 f"met fraction is {100 * d['deadline_sweep_min_met_fraction']:.1f} %.")
   else:
     lines.append(f"failed: {report['infer']['error']}")
   lines += ["", f"## Tests (-m \"{TEST_TIER}\")", ""]

@@ -74,6 +74,13 @@ def test_smoke_run_writes_every_part(tmp_path):
   infer = report["infer"]["result"]
   assert infer["transfer_guard"] == "disallow" and infer["matches_simulation"] is True
   assert infer["matmul_precision"]["matches_simulation"] == "highest"
+  timed, deadline = infer["budget_ms"], infer["deadline"]
+  full_ms = 1e3 / infer["full_network_images_per_s"]
+  assert timed["budget_ms"] == pytest.approx(0.9 * full_ms, rel=1e-5) and timed["matches_simulation"] is True
+  assert 0 < timed["predicted_ms_per_image"] <= timed["budget_ms"] and timed["realised_ms_per_image"] > 0
+  assert deadline["deadline_ms"] == pytest.approx(0.5 * full_ms * 32, rel=1e-5)
+  assert deadline["deadline_chunk_size"] == 32 and 0 <= deadline["deadline_met_fraction"] <= 1
+  assert deadline["deadline_sweep_range_ms"][0] < deadline["deadline_sweep_range_ms"][1]
   tests = report["tests"]["result"]
   assert tests["passed"] == tests["tests"] == 2 and tests["failed"] == []
   text = (tmp_path / "device_check.md").read_text()
@@ -81,3 +88,4 @@ def test_smoke_run_writes_every_part(tmp_path):
                   "## Tests"):
     assert heading in text
   assert "| msdfuse_tiny | bfloat16 | 4 |" in text and "failed:" not in text
+  assert "Time budget " in text and "% of chunks within it" in text
