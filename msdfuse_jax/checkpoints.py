@@ -11,6 +11,7 @@ warning naming it), so that the run can save that step again when it gets there.
 
 from __future__ import annotations
 
+import logging as logging_std
 import os
 import shutil
 import sys
@@ -114,10 +115,22 @@ def set_aside(workdir: str, step: int) -> str:
   return target
 
 
+# The folders of the steps found unreadable in this process: errors that name one of them come from reads
+# orbax abandoned when the restore failed (and already reported in one warning line).
+_abandoned_steps: set[str] = set()
+
+
 def _is_abandoned_read(exc: BaseException | None) -> bool:
-  """RuntimeError('Event loop is closed') raised by asyncio's ``_check_closed``: a read of an unreadable step
-  that orbax gave up on, whose remaining tensorstore futures complete after orbax closed their event loop."""
-  if not isinstance(exc, RuntimeError) or str(exc) != "Event loop is closed":
+  """An error of a read that orbax gave up on: RuntimeError('Event loop is closed') raised by asyncio's
+  ``_check_closed`` (the read's remaining tensorstore futures complete after orbax closed their event loop),
+  or an error whose message names the folder of a step found unreadable (a read of it that finished later,
+  on another thread)."""
+  if exc is None:
+    return False
+  text = str(exc)
+  if any(folder in text for folder in _abandoned_steps):
+    return True
+  if not isinstance(exc, RuntimeError) or text != "Event loop is closed":
     return False
   tb = exc.__traceback__
   while tb is not None and tb.tb_next is not None:
@@ -125,20 +138,31 @@ def _is_abandoned_read(exc: BaseException | None) -> bool:
   return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
 
 
+class _QuietAbandonedReads(logging_std.Filter):
+  """Drops log records (asyncio's "Task exception was never retrieved", a library's logged error) whose
+  exception is an abandoned read's."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return not (record.exc_info and _is_abandoned_read(record.exc_info[1]))
+
+
 _quiet_installed = threading.Lock()
 _quiet_done = False
 
 
-def _quiet_abandoned_reads() -> None:
+def _quiet_abandoned_reads(step_folder: str | None = None) -> None:
   """From now on, the process prints no traceback for `_is_abandoned_read` errors (each abandoned array
-  read of a corrupt step printed one, hundreds in all, through sys.excepthook or sys.unraisablehook from
-  tensorstore's threads); every other error is printed as before. Installed once a step is unreadable."""
+  read of a corrupt step printed one, hundreds in all, through sys.excepthook, sys.unraisablehook,
+  threading.excepthook or a logged exception, from tensorstore's and asyncio's threads); every other error
+  is printed as before. Installed once a step is unreadable; `step_folder` is that step's folder."""
   global _quiet_done
+  if step_folder:
+    _abandoned_steps.add(os.path.join(step_folder if "://" in step_folder else os.path.abspath(step_folder), ""))
   with _quiet_installed:
     if _quiet_done:
       return
     _quiet_done = True
-  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+  excepthook, unraisablehook, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
 
   def quiet_excepthook(kind, value, tb):
     if not _is_abandoned_read(value):
@@ -148,7 +172,16 @@ def _quiet_abandoned_reads() -> None:
     if not _is_abandoned_read(unraisable.exc_value):
       unraisablehook(unraisable)
 
-  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+  def quiet_thread_hook(args):
+    if not _is_abandoned_read(args.exc_value):
+      thread_hook(args)
+
+  sys.excepthook, sys.unraisablehook, threading.excepthook = quiet_excepthook, quiet_unraisablehook, \
+      quiet_thread_hook
+  quiet = _QuietAbandonedReads()
+  for handler in logging_std.getLogger().handlers:
+    handler.addFilter(quiet)
+  logging_std.getLogger("asyncio").addFilter(quiet)
 
 
 def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None, step: int | None = None,
@@ -194,7 +227,7 @@ def restore(workdir: str, target: Any | Callable[[set[str]], Any] | None = None,
       restore_args = ocp.args.StandardRestore(tree) if tree is not None else ocp.args.StandardRestore()
       restored = mngr.restore(s, args=ocp.args.Composite(state=restore_args))
     except Exception as e:  # orbax raises many types for unreadable files  # pylint: disable=broad-except
-      _quiet_abandoned_reads()
+      _quiet_abandoned_reads(os.path.join(checkpoint_dir(workdir), str(s)))
       reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
       errors.append(f"step {s}: {reason}")
       unreadable.append(s)

@@ -191,3 +191,33 @@ def test_commit_modes_resolve_and_bad_ones_are_named(tmp_path, monkeypatch):
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-v"]))
+
+
+_ABANDONED = """
+import logging, sys, threading
+from msdfuse_jax import checkpoints
+folder = sys.argv[1]
+checkpoints._quiet_abandoned_reads(folder)
+def fail(message):
+  raise ValueError(message)
+for message in (f'DATA_LOSS: Error reading local file "{folder}/state/d/81599e": Error decoding b-tree node',
+                "an error of something else"):
+  thread = threading.Thread(target=fail, args=(message,))
+  thread.start()
+  thread.join()
+try:
+  fail(f'DATA_LOSS: Error reading "{folder}/state/d/81599e"')
+except ValueError as e:
+  logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=e)
+"""
+
+
+def test_late_reads_of_an_unreadable_step_print_no_traceback(tmp_path):
+  """Once a step is found unreadable, an error of a read of its folder that finishes later, on a thread or
+  logged by asyncio, prints nothing; any other error still prints its traceback."""
+  folder = str(tmp_path / "checkpoints" / "4")
+  done = subprocess.run([sys.executable, "-c", _ABANDONED, folder], capture_output=True, text=True,
+                        cwd=REPO, timeout=120, check=False)
+  assert done.returncode == 0, done.stderr
+  assert done.stderr.count("Traceback") == 1 and "an error of something else" in done.stderr, done.stderr
+  assert "b-tree" not in done.stderr and "never retrieved" not in done.stderr, done.stderr
