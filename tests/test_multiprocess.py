@@ -237,7 +237,9 @@ def test_a_lost_process_ends_the_other_in_one_line_and_the_run_resumes(runs, tmp
   """kill -9 of process 1 mid-run: process 0 exits within the bound, status 4, one line naming process 1
   and the last checkpoint, none of JAX's fatal dumps; the same commands then resume and finish the run."""
   _, two_devices, _, _ = runs
-  workdir, heartbeat = tmp_path / "lost", 10
+  # 20 s: with 10 s, a loaded 2-core machine (two test workers compiling) once missed both processes'
+  # heartbeats during the first step's compile, before anything was killed.
+  workdir, heartbeat = tmp_path / "lost", 20
   extra = (f"--config.train.heartbeat_timeout_s={heartbeat}",)
   procs = launch(workdir, 2, extra=extra)
   seen = []
