@@ -223,6 +223,9 @@ INFER_KEYS = ("p", "num_images", "batch_size", "exit_counts", "early_exit_images
               "realised_over_predicted", "matches_simulation", "simulation", "matmul_precision")
 BUDGET_MS_KEYS = ("budget_ms", "p", "predicted_ms_per_image", "realised_ms_per_image", "full_network_ms_per_image",
                   "accuracy", "matches_simulation")
+# The infer part's time budget, as a fraction of the full network's ms per image just measured, and its
+# deadline, as a fraction of the full network's time on one batch.
+BUDGET_FRACTION, DEADLINE_FRACTION = 0.9, 0.5
 DEADLINE_KEYS = ("deadline_ms", "deadline_met_fraction", "worst_overshoot_ms", "deadline_accuracy",
                  "deadline_chunk_size", "deadline_sweep_range_ms", "deadline_sweep_min_met_fraction")
 
@@ -241,10 +244,10 @@ def infer(check: Check) -> dict[str, Any]:
             env={"JAX_TRANSFER_GUARD": "disallow"})
   report = json.loads((run / "eval" / "infer.json").read_text())
   result = {"transfer_guard": "disallow", **{k: report[k] for k in INFER_KEYS}}
-  # A time budget of 0.9 of the full network's time just measured, and a deadline per batch of half the
-  # full network's time on one batch, with a short sweep from the first stage's time to the full network's.
+  # With a short sweep of deadlines from the first stage's time to the full network's.
   full_ms = 1e3 / report["full_network_images_per_s"]
-  budget_ms, deadline_ms = 0.9 * full_ms, 0.5 * full_ms * check.settings["infer_batch"]
+  budget_ms = BUDGET_FRACTION * full_ms
+  deadline_ms = DEADLINE_FRACTION * full_ms * check.settings["infer_batch"]
   check.run("infer_ms", ["-m", "msdfuse_jax.tools.infer_main", f"--workdir={run}", f"--budget_ms={budget_ms:.6f}",
                          f"--batch_size={check.settings['infer_batch']}", "--repeats=3",
                          f"--deadline_ms={deadline_ms:.6f}", "--deadline_sweep=4"],
@@ -343,7 +346,8 @@ def markdown(report: dict[str, Any]) -> str:
                  f"{i['predicted_speedup']:.2f}x); equal to the simulation ({i['simulation']}, matmul precision "
                  f"{i['matmul_precision']['matches_simulation']}): {i['matches_simulation']}.")
     b, d = i["budget_ms"], i["deadline"]
-    lines.append(f"Time budget {b['budget_ms']:.4f} ms per image (0.9 of the full network's): p={b['p']}, "
+    lines.append(f"Time budget {b['budget_ms']:.4f} ms per image ({BUDGET_FRACTION} of the full network's): "
+                 f"p={b['p']}, "
                  f"predicted {b['predicted_ms_per_image']:.4f} ms, realised {b['realised_ms_per_image']:.4f} ms "
                  f"({b['realised_ms_per_image'] / b['budget_ms']:.2f} of the budget; full network "
                  f"{b['full_network_ms_per_image']:.4f} ms), accuracy {b['accuracy']:.2f} %.")
